@@ -1,0 +1,34 @@
+"""Typed annotations the analysis passes attach as ``node.meta["clq"]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+META_KEY = "clq"
+
+
+@dataclass
+class LinearInfo:
+    """What analysis knows about one linear node."""
+
+    name: str  # module path, unique per call ("blocks.0.attn.to_q", "#1" on a second call)
+    block: int | None  # index in execution order of the repeated blocks; None outside them
+    in_features: int
+    out_features: int
+    weight: str  # graph-level name of the weight (get_attr target or placeholder name)
+    role: str = "other"
+    group: int = -1  # id of the set of linears reading the same input tensor
+    chain: list[str] = field(default_factory=list)  # downstream linears within the window
+    skip_reason: str = ""
+
+
+def linear_info(node: fx.Node) -> LinearInfo | None:
+    info = node.meta.get(META_KEY)
+    return info if isinstance(info, LinearInfo) else None
+
+
+def annotated_linears(gm: fx.GraphModule) -> list[fx.Node]:
+    """Linear nodes carrying a LinearInfo, in graph order."""
+    return [n for n in gm.graph.nodes if linear_info(n) is not None]

@@ -1,0 +1,70 @@
+"""``clq.inspect``: one row per linear, the way a user audits a quantized model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tabulate import tabulate
+
+from clq_compile.plan import LayerPlan, Plan
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _gran(lp: LayerPlan) -> str:
+    s = lp.spec
+    w = f"g{s.w_group}" if s.w_group else "ch"
+    a = "-" if s.a_bits == 16 else (f"g{s.a_group}" if s.a_group else "tok")
+    return f"W:{w} A:{a}"
+
+
+def rows(plan: Plan) -> list[list[Any]]:
+    out = []
+    for lp in plan.layers.values():
+        tp = plan.transform_of(lp)
+        if lp.quantized:
+            out.append([
+                lp.name, lp.role, "-" if lp.block is None else lp.block,
+                f"{lp.in_features}x{lp.out_features}", lp.spec.name, _gran(lp),
+                tp.describe() if tp else "-", _fmt(lp.outlier_score),
+                f"{lp.w_clip:.2f}/{lp.a_clip:.2f}", lp.target or "-",
+                f"{_fmt(lp.err_before, 4)}→{_fmt(lp.err_after, 4)}" if lp.err_before is not None
+                else "-", _fmt(lp.sqnr_db, 1), "; ".join(lp.notes) or "",
+            ])
+        else:
+            out.append([
+                lp.name, lp.role, "-" if lp.block is None else lp.block,
+                f"{lp.in_features}x{lp.out_features}", "fp", "-", "-", "-", "-", "-", "-", "-",
+                f"skip: {lp.skip_reason}",
+            ])
+    return out
+
+
+HEADERS = ["layer", "role", "block", "shape", "bits", "granularity", "rotation", "outlier",
+           "clip w/a", "target", "target err", "SQNR dB", "notes"]
+
+
+def summary(qm: Any) -> str:
+    plan: Plan = qm.plan
+    q = plan.quantized_layers()
+    fp_lin = sum(lp.in_features * lp.out_features * 4 for lp in q)
+    from clq_compile.qlinear import PackedWeight  # noqa: F401 - documents the layout below
+
+    state = qm.graph_module.state_dict()
+    q_lin = sum(t.numel() * t.element_size() for k, t in state.items()
+                if k.startswith("clq_") and (k.endswith("_w_q") or k.endswith("_w_scale")))
+    total = qm.weight_bytes()
+    ratio = fp_lin / q_lin if q_lin else float("nan")
+    mratio = qm.fp_weight_bytes / total if total else float("nan")
+    return (
+        f"{plan.recipe} {plan.spec.name}: {len(q)}/{len(plan.layers)} linears quantized; "
+        f"quantized-linear weights {fp_lin:,} B -> {q_lin:,} B ({ratio:.2f}x); "
+        f"model weights {qm.fp_weight_bytes:,} B -> {total:,} B ({mratio:.2f}x)"
+    )
+
+
+def inspect(qm: Any, tablefmt: str = "simple") -> str:
+    """A per-layer table (tabulate) of a ``QuantizedModel`` plus a summary line."""
+    return tabulate(rows(qm.plan), headers=HEADERS, tablefmt=tablefmt) + "\n" + summary(qm)

@@ -1,0 +1,112 @@
+"""``torch.ops.clq.*``: the quantized ops rewritten graphs hold.
+
+Each op has a plain-PyTorch reference (the CPU implementation, and the ground truth that
+Triton kernels and the ONNX lowering are tested against) and a fake implementation, so
+graphs holding the ops still export, compile and serialize. Device back ends register
+their own kernels for these ops (``lowering/triton``) and fall back to these references.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from clq_compile.hadamard import block_hadamard
+from clq_compile.quant import dequantize, fake_quantize, unpack_int4
+
+
+def weight_group(k: int, w_scale: Tensor) -> int:
+    """Group size implied by a weight-scale tensor of shape (N, n_groups): 0 = per channel."""
+    n_groups = w_scale.shape[-1]
+    return 0 if n_groups == 1 else k // n_groups
+
+
+def unpack_weight(w_q: Tensor, w_bits: int) -> Tensor:
+    """Integer weight values (N, K) in an int8 container."""
+    return unpack_int4(w_q) if w_bits == 4 else w_q
+
+
+def transform_reference(
+    x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None
+) -> Tensor:
+    y = x.to(torch.float32, copy=True)  # never alias the input (custom-op rule)
+    if perm is not None:
+        y = y.index_select(-1, perm)
+    if smooth is not None:
+        y = y * smooth
+    if rot is not None:
+        y = block_hadamard(y, rot.float())
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("clq::transform", mutates_args=())
+def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None) -> Tensor:
+    """Online input transform x ↦ ((x[..., perm] * smooth) · blockdiag(rot)).
+
+    ``perm`` is an int64 channel order, ``smooth`` a per-channel float scale (in permuted
+    order; SmoothQuant's 1/s, QuaRot's random signs), ``rot`` one B×B block repeated along K.
+    Any of them may be None.
+    """
+    return transform_reference(x, perm, smooth, rot)
+
+
+@transform.register_fake
+def _(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None) -> Tensor:
+    return torch.empty_like(x)
+
+
+def quant_linear_reference(
+    x: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    a_group: int,
+    a_clip: float,
+) -> Tensor:
+    k = x.shape[-1]
+    w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
+    xf = x.float()
+    if a_bits < 16:
+        xf = fake_quantize(xf, a_bits, a_group, a_clip)
+    y = xf @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("clq::quant_linear", mutates_args=())
+def quant_linear(
+    x: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    a_group: int,
+    a_clip: float,
+) -> Tensor:
+    """y = Q_a(x) · Q_w(W)ᵀ + b with a dynamically quantized activation.
+
+    ``w_q``: int8 (N, K/2) packed int4 when ``w_bits`` is 4, else int8 (N, K).
+    ``w_scale``: float32 (N, K/group) (N, 1) per output channel.
+    ``a_bits`` 16 keeps the activation in float (weight-only); otherwise the activation is
+    quantized symmetric per token (``a_group`` 0) or per K-group, with scale
+    ``max(a_clip * absmax, EPS) / qmax``.
+    """
+    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+
+
+@quant_linear.register_fake
+def _(
+    x: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    a_group: int,
+    a_clip: float,
+) -> Tensor:
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))

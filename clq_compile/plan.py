@@ -1,0 +1,105 @@
+"""The Plan: per-layer decisions as plain data (printable, serializable, testable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from clq_compile.spec import QuantSpec
+
+
+@dataclass
+class TransformPlan:
+    """One online input transform, shared by every linear reading the same tensor.
+
+    x ↦ ((x[..., perm] * smooth) · blockdiag(rot)); the inverse is folded into weights.
+    """
+
+    perm: torch.Tensor | None = None
+    smooth: torch.Tensor | None = None
+    rot: torch.Tensor | None = None
+    kind: str = "none"  # "hadamard", "random_hadamard", "smooth", ...
+    order: str = "none"  # permutation order: "none", "sorted", "zigzag"
+    note: str = ""  # e.g. why the Hadamard block differs from the one asked for
+
+    @property
+    def block(self) -> int:
+        return 0 if self.rot is None else int(self.rot.shape[0])
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm is None and self.smooth is None and self.rot is None
+
+    def describe(self) -> str:
+        if self.is_identity:
+            return "-"
+        parts = [self.kind]
+        if self.perm is not None:
+            parts.append(f"perm:{self.order}")
+        if self.rot is not None:
+            parts.append(f"B={self.block}")
+        return " ".join(parts)
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    role: str
+    block: int | None
+    in_features: int
+    out_features: int
+    group: int
+    spec: QuantSpec | None  # None: stays in full precision
+    skip_reason: str = ""
+    w_clip: float = 1.0
+    a_clip: float = 1.0
+    outlier_score: float | None = None  # max over calibration tokens of max_j |x_j|
+    target: str = ""  # CLPS target layer
+    err_before: float | None = None  # CLPS target error at clip (1, 1)
+    err_after: float | None = None  # CLPS target error at the chosen clips
+    sqnr_db: float | None = None  # this layer's output SQNR on the calibration data
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec is not None
+
+
+@dataclass
+class Plan:
+    recipe: str
+    spec: QuantSpec
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    transforms: dict[int, TransformPlan] = field(default_factory=dict)  # by group id
+    meta: dict[str, Any] = field(default_factory=dict)  # timings, calibration counts
+
+    def quantized_layers(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers.values() if lp.quantized]
+
+    def transform_of(self, layer: LayerPlan) -> TransformPlan | None:
+        tp = self.transforms.get(layer.group)
+        return None if tp is None or tp.is_identity else tp
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary; tensors are reduced to their shapes."""
+
+        def plain(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                return {"tensor": list(obj.shape)}
+            if dataclasses.is_dataclass(obj):
+                d = {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+                return d
+            if isinstance(obj, dict):
+                return {str(k): plain(v) for k, v in obj.items()}
+            if isinstance(obj, list | tuple):
+                return [plain(v) for v in obj]
+            return obj
+
+        return plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)

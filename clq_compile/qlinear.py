@@ -1,0 +1,80 @@
+"""One quantized linear, computed exactly as the rewritten graph computes it.
+
+Calibration, CLPS search, the rewrite pass and the torch.compile backend all call these,
+so what calibration measures is what the deployed graph runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import clq_compile.ops  # noqa: F401 - registers torch.ops.clq
+from clq_compile.ops import transform_reference
+from clq_compile.plan import LayerPlan, TransformPlan
+from clq_compile.quant import quantize_weight
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    w_q: torch.Tensor
+    w_scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_q.numel() * self.w_q.element_size() + self.w_scale.numel() * 4
+
+
+def fold_weight(w: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
+    """W ↦ ((W[:, perm] / smooth) · blockdiag(rot)) so that T(x) · W'ᵀ = x · Wᵀ."""
+    w = w.detach().float()
+    if tp is None:
+        return w
+    inv = None if tp.smooth is None else 1.0 / tp.smooth.float()
+    return transform_reference(w, tp.perm, inv, tp.rot)
+
+
+def pack_weight(
+    w: torch.Tensor, lp: LayerPlan, tp: TransformPlan | None, w_clip: float | None = None
+) -> PackedWeight:
+    spec = lp.spec
+    w_q, w_scale = quantize_weight(
+        fold_weight(w, tp), spec.w_bits, spec.w_group, lp.w_clip if w_clip is None else w_clip
+    )
+    return PackedWeight(w_q, w_scale)
+
+
+def apply_transform(x: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
+    if tp is None:
+        return x
+    return torch.ops.clq.transform(x, tp.perm, tp.smooth, tp.rot)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    bias: torch.Tensor | None,
+    lp: LayerPlan,
+    a_clip: float | None = None,
+) -> torch.Tensor:
+    """``x`` must already be transformed (see :func:`apply_transform`)."""
+    spec = lp.spec
+    return torch.ops.clq.quant_linear(
+        x, packed.w_q, packed.w_scale, bias, spec.w_bits, spec.a_bits, spec.a_group,
+        float(lp.a_clip if a_clip is None else a_clip),
+    )
+
+
+def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    if noise_energy <= 0.0:
+        return float("inf")
+    if signal_energy <= 0.0:
+        return float("-inf")
+    return 10.0 * float(torch.log10(torch.tensor(signal_energy / noise_energy)))
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB of ``out`` against ``ref``."""
+    ref, out = ref.double(), out.double()
+    return sqnr_db(float(ref.pow(2).sum()), float((ref - out).pow(2).sum()))

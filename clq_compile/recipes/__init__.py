@@ -1,0 +1,59 @@
+"""Recipe registry: a frozen config dataclass per recipe, mapped to the function that
+turns an analyzed graph and its calibration into a Plan (torchao's config → transform)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from clq_compile.errors import ConfigError
+from clq_compile.recipes.base import PlanContext, RecipeConfig
+
+PlanFn = Callable[[PlanContext, RecipeConfig], Any]
+C = TypeVar("C", bound=type)
+
+_BY_NAME: dict[str, type[RecipeConfig]] = {}
+_HANDLERS: dict[type[RecipeConfig], PlanFn] = {}
+
+
+def register_recipe(config_cls: type[RecipeConfig]) -> Callable[[PlanFn], PlanFn]:
+    """Decorator: ``@register_recipe(RTNConfig)`` on the function that builds its Plan."""
+
+    def deco(fn: PlanFn) -> PlanFn:
+        _BY_NAME[config_cls.name] = config_cls
+        _HANDLERS[config_cls] = fn
+        return fn
+
+    return deco
+
+
+def available_recipes() -> list[str]:
+    return sorted(_BY_NAME)
+
+
+def resolve_recipe(recipe: str | RecipeConfig, **options: Any) -> RecipeConfig:
+    """A config object from a registered name plus options, or the config itself."""
+    if isinstance(recipe, RecipeConfig):
+        return dataclasses.replace(recipe, **options) if options else recipe
+    if not isinstance(recipe, str) or recipe not in _BY_NAME:
+        raise ConfigError(f"unknown recipe {recipe!r}; registered: {available_recipes()}")
+    cls = _BY_NAME[recipe]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(
+            f"recipe {recipe!r} has no option(s) {unknown}; options: {sorted(fields)}"
+        )
+    return cls(**options)
+
+
+def handler(config: RecipeConfig) -> PlanFn:
+    for cls in type(config).__mro__:
+        if cls in _HANDLERS:
+            return _HANDLERS[cls]
+    raise ConfigError(f"no plan builder registered for {type(config).__name__}")
+
+
+# Built-in recipes register themselves on import.
+from clq_compile.recipes import rtn as _rtn  # noqa: E402,F401

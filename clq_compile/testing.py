@@ -1,0 +1,146 @@
+"""Tiny random-weight diffusers transformers with matching call inputs.
+
+Used by tests, examples and benchmarks, so every layer of the project exercises the same
+five architectures. Weights are seeded; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Inputs = dict[str, Any]
+
+
+def _seeded(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_dit(batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, Callable[[int], Inputs]]:
+    from diffusers import DiTTransformer2DModel
+
+    _seeded(seed)
+    m = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+    )
+
+    def inputs(i: int = 0, b: int = batch) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + i)
+        return dict(
+            hidden_states=torch.randn(b, 4, 8, 8, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            class_labels=torch.randint(0, 1000, (b,), generator=g),
+            return_dict=False,
+        )
+
+    return m.eval(), inputs
+
+
+def tiny_pixart(
+    batch: int = 2, seed: int = 0, layers: int = 2
+) -> tuple[torch.nn.Module, Callable[[int], Inputs]]:
+    from diffusers import PixArtTransformer2DModel
+
+    _seeded(seed)
+    m = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+        num_layers=layers, cross_attention_dim=64, sample_size=8, patch_size=2, caption_channels=32,
+        num_embeds_ada_norm=1000,
+    )
+
+    def inputs(i: int = 0, b: int = batch) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + i)
+        return dict(
+            hidden_states=torch.randn(b, 4, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(b, 6, 32, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+
+    return m.eval(), inputs
+
+
+def tiny_sd3(batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, Callable[[int], Inputs]]:
+    from diffusers import SD3Transformer2DModel
+
+    _seeded(seed)
+    m = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
+        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+    )
+
+    def inputs(i: int = 0, b: int = batch) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + i)
+        return dict(
+            hidden_states=torch.randn(b, 4, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(b, 6, 32, generator=g),
+            pooled_projections=torch.randn(b, 16, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            return_dict=False,
+        )
+
+    return m.eval(), inputs
+
+
+def tiny_flux(batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, Callable[[int], Inputs]]:
+    from diffusers import FluxTransformer2DModel
+
+    _seeded(seed)
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+    def inputs(i: int = 0, b: int = batch) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + i)
+        img, txt = 16, 6
+        return dict(
+            hidden_states=torch.randn(b, img, 16, generator=g),
+            encoder_hidden_states=torch.randn(b, txt, 32, generator=g),
+            pooled_projections=torch.randn(b, 16, generator=g),
+            timestep=torch.rand(b, generator=g),
+            img_ids=torch.stack(
+                [torch.zeros(img), torch.arange(img) // 4, torch.arange(img) % 4], -1
+            ).float(),
+            txt_ids=torch.zeros(txt, 3),
+            return_dict=False,
+        )
+
+    return m.eval(), inputs
+
+
+def tiny_wan(batch: int = 2, seed: int = 0) -> tuple[torch.nn.Module, Callable[[int], Inputs]]:
+    from diffusers import WanTransformer3DModel
+
+    _seeded(seed)
+    m = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32,
+    )
+
+    def inputs(i: int = 0, b: int = batch) -> Inputs:
+        g = torch.Generator().manual_seed(1000 + i)
+        return dict(
+            hidden_states=torch.randn(b, 4, 2, 8, 8, generator=g),
+            timestep=torch.randint(0, 1000, (b,), generator=g),
+            encoder_hidden_states=torch.randn(b, 6, 32, generator=g),
+            return_dict=False,
+        )
+
+    return m.eval(), inputs
+
+
+TINY_MODELS: dict[str, Callable[..., tuple[torch.nn.Module, Callable[..., Inputs]]]] = {
+    "dit": tiny_dit,
+    "pixart": tiny_pixart,
+    "sd3": tiny_sd3,
+    "flux": tiny_flux,
+    "wan": tiny_wan,
+}

@@ -1,0 +1,1 @@
+"""Back ends (installed as ``clq_compile.lowering``): Triton kernels and ONNX export."""

@@ -1,0 +1,1 @@
+"""Graph passes (installed as ``clq_compile.passes``): analysis, decision and rewrite."""

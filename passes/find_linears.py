@@ -1,0 +1,68 @@
+"""Analysis: every linear with a 2-D weight becomes a candidate, with its block and shape."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+from clq_compile.passes.blocks import BLOCK_KEY
+from clq_compile.passes.graph_utils import is_linear, module_path, val
+from clq_compile.passes.infra import GraphPass, PassResult
+
+from clq_compile.annotations import META_KEY, LinearInfo
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def weight_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The weight of a linear: a get_attr constant (export) or a placeholder's value."""
+    w = node.args[1]
+    if not isinstance(w, fx.Node):
+        return None
+    if w.op == "get_attr":
+        return fetch_attr(gm, w.target)
+    if "clq_value" in w.meta:  # a real tensor the torch.compile backend attached
+        return w.meta["clq_value"]
+    v = val(w)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def weight_name(node: fx.Node) -> str:
+    w = node.args[1]
+    return str(w.target) if w.op == "get_attr" else w.name
+
+
+class FindLinears(GraphPass):
+    """Annotate linears; needs :class:`AnnotateBlocks` to have run."""
+
+    name = "find_linears"
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if any(BLOCK_KEY not in n.meta for n in gm.graph.nodes):
+            raise RuntimeError("find_linears needs annotate_blocks to run first")
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        seen: Counter[str] = Counter()
+        for node in gm.graph.nodes:
+            if not is_linear(node):
+                continue
+            w = weight_tensor(gm, node)
+            if w is None or w.dim() != 2:
+                continue
+            path = module_path(node) or node.name
+            name = path if not seen[path] else f"{path}#{seen[path]}"
+            seen[path] += 1
+            node.meta[META_KEY] = LinearInfo(
+                name=name,
+                block=node.meta[BLOCK_KEY],
+                in_features=int(w.shape[1]),
+                out_features=int(w.shape[0]),
+                weight=weight_name(node),
+            )
+        return PassResult(gm, False)

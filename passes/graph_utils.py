@@ -1,0 +1,99 @@
+"""Helpers shared by passes: op families at both IR levels, shapes, module paths.
+
+The same analysis runs on torch.export graphs (``aten.linear.default``) and on the Dynamo
+graphs a torch.compile backend receives (``torch._C._nn.linear``), so ops are matched by
+family, never by one spelling.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+
+LINEAR_TARGETS = frozenset({aten.linear.default, torch._C._nn.linear, F.linear})
+SDPA_TARGETS = frozenset(
+    {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
+)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def op_name(node: fx.Node) -> str:
+    """A short lowercase name of what a node computes ("view", "gelu", "linear", ...)."""
+    if node.op != "call_function":
+        return node.op
+    t = node.target
+    name = getattr(t, "__name__", None) or str(t)
+    if hasattr(t, "_opname"):  # OpOverload: aten.view.default -> "view"
+        name = t._opname
+    return name.lower().strip("_")
+
+
+def val(node: fx.Node):
+    """The example/fake value recorded on a node (export: "val", Dynamo: "example_value")."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def rank(node: fx.Node) -> int | None:
+    v = val(node)
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+_SELF_PREFIX = re.compile(r"^L\['self'\]\.?")
+_INDEX = re.compile(r"\[(\d+)\]")
+_MODULES = re.compile(r"_modules\['([^']+)'\]")
+
+
+def normalize_path(path: str) -> str:
+    """Dynamo spells module paths "L['self'].blocks[0].attn"; export "blocks.0.attn"."""
+    path = _MODULES.sub(r"\1", path)
+    path = _SELF_PREFIX.sub("", path)
+    path = _INDEX.sub(r".\1", path)
+    return path.replace("..", ".").strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of a node, from ``nn_module_stack``; "" when unknown."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return normalize_path(path)
+
+
+def block_containers(paths: list[str]) -> set[str]:
+    """Names of the indexed containers that hold repeated blocks ("transformer_blocks").
+
+    A container qualifies when one of its elements holds modules two levels down (an
+    attention or MLP holding linears); ``ff.net.0.proj`` or a top-level ``Sequential`` of
+    linears does not.
+    """
+    found = set()
+    for path in paths:
+        parts = path.split(".")
+        for i, p in enumerate(parts):
+            if p.isdigit() and i > 0:
+                if len(parts) - i - 1 >= 2:
+                    found.add(".".join(parts[:i]))
+                break
+    return found
+
+
+def block_key(path: str, containers: set[str]) -> str | None:
+    """The repeated-block prefix of a module path ("transformer_blocks.3"), if any."""
+    parts = path.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit() and i > 0:
+            return ".".join(parts[: i + 1]) if ".".join(parts[:i]) in containers else None
+    return None

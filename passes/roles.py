@@ -1,0 +1,145 @@
+"""Analysis: the role of each linear, read from graph structure, never from module names.
+
+Rules, in priority order (each a small function so the set reads as data):
+- outside the repeated blocks: "embed" before them, "final" after them;
+- input of rank 2 (one vector per sample, e.g. adaLN on the timestep embedding):
+  "modulation";
+- feeds an SDPA query/key/value through reshapes, norms and RoPE: "attn_q/k/v", or
+  "cross_q/k/v" when keys/values read other tensors than the queries;
+- reads an SDPA output through reshapes only: "attn_out";
+- feeds another linear through an activation: "mlp_up"; that other linear: "mlp_down".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch.fx as fx
+from clq_compile.passes.blocks import BLOCK_KEY
+from clq_compile.passes.graph_utils import is_linear, is_sdpa, op_name, rank
+from clq_compile.passes.infra import GraphPass, PassResult
+
+from clq_compile.annotations import LinearInfo, annotated_linears, linear_info
+
+# Ops that move or relabel data without mixing tokens: followed when tracing a value.
+RESHAPE_OPS = frozenset(
+    {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "contiguous",
+     "clone", "to", "dropout", "getitem", "slice", "split", "chunk", "cat", "flatten",
+     "unflatten", "expand", "type_as", "_to_copy", "alias", "unbind", "narrow",
+     "split_with_sizes", "unsafe_view", "_unsafe_view", "assert_tensor_metadata"}
+)
+ACTIVATION_OPS = frozenset(
+    {"gelu", "silu", "relu", "tanh", "sigmoid", "mul", "softplus", "mish", "erf", "pow"}
+)
+# Queries and keys may pass through QK-norm and rotary embeddings on the way to SDPA.
+QK_OPS = RESHAPE_OPS | ACTIVATION_OPS | {"layer_norm", "rms_norm", "native_layer_norm", "add",
+                                         "sub", "div", "neg", "stack", "float", "type", "rsqrt",
+                                         "mean"}
+
+
+def _trace_back(node: fx.Node, through: frozenset[str], limit: int = 64) -> set[fx.Node]:
+    """Linears reachable backwards from ``node`` through ``through`` ops."""
+    found, stack, seen = set(), [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if is_linear(a):
+                found.add(a)
+            elif a.op == "call_function" and op_name(a) in through:
+                stack.append(a)
+    return found
+
+
+def _trace_forward(node: fx.Node, through: frozenset[str], limit: int = 64) -> set[fx.Node]:
+    """Linears reachable forwards from ``node`` through ``through`` ops (as data input)."""
+    found, stack, seen = set(), [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_linear(u):
+                if u.args and u.args[0] is n:
+                    found.add(u)
+            elif u.op == "call_function" and op_name(u) in through:
+                stack.append(u)
+    return found
+
+
+def _sdpa_arg(node: fx.Node, i: int, name: str) -> fx.Node | None:
+    a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+    return a if isinstance(a, fx.Node) else None
+
+
+def _assign(nodes: Iterable[fx.Node], role: str) -> None:
+    for n in nodes:
+        info = linear_info(n)
+        if info is not None and info.role == "other":
+            info.role = role
+
+
+def _outside_blocks(linears: list[fx.Node], gm: fx.GraphModule) -> None:
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    first = min((position[n] for n in gm.graph.nodes if n.meta.get(BLOCK_KEY) is not None),
+                default=None)
+    for n in linears:
+        info = linear_info(n)
+        if info.block is None:
+            info.role = "embed" if first is None or position[n] < first else "final"
+
+
+def _per_sample(linears: list[fx.Node], gm: fx.GraphModule) -> None:
+    for n in linears:
+        if rank(n.args[0]) == 2:
+            _assign([n], "modulation")
+
+
+def _attention(linears: list[fx.Node], gm: fx.GraphModule) -> None:
+    for s in (n for n in gm.graph.nodes if is_sdpa(n)):
+        q, k, v = (_trace_back(a, QK_OPS) if a is not None else set()
+                   for a in (_sdpa_arg(s, 0, "query"), _sdpa_arg(s, 1, "key"),
+                             _sdpa_arg(s, 2, "value")))
+        q_in = {n.args[0] for n in q}
+        kv_in = {n.args[0] for n in k | v}
+        prefix = "cross" if q_in and kv_in and not (q_in & kv_in) else "attn"
+        _assign(q, f"{prefix}_q")
+        _assign(k, f"{prefix}_k")
+        _assign(v, f"{prefix}_v")
+        _assign(_trace_forward(s, RESHAPE_OPS), "attn_out")
+
+
+def _mlp(linears: list[fx.Node], gm: fx.GraphModule) -> None:
+    for n in linears:
+        downs = {d for d in _trace_forward(n, RESHAPE_OPS | ACTIVATION_OPS)
+                 if linear_info(d) is not None and linear_info(d).block == linear_info(n).block}
+        if downs:
+            _assign([n], "mlp_up")
+            _assign(downs, "mlp_down")
+
+
+RoleRule = Callable[[list[fx.Node], fx.GraphModule], None]
+ROLE_RULES: tuple[RoleRule, ...] = (_outside_blocks, _per_sample, _attention, _mlp)
+
+
+class AssignRoles(GraphPass):
+    name = "assign_roles"
+
+    def __init__(self, rules: tuple[RoleRule, ...] = ROLE_RULES) -> None:
+        self.rules = rules
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        linears = annotated_linears(gm)
+        for rule in self.rules:
+            rule(linears, gm)
+        return PassResult(gm, False)
+
+
+def roles(gm: fx.GraphModule) -> dict[str, str]:
+    return {info.name: info.role for info in map(linear_info, annotated_linears(gm))}
+
+
+__all__ = ["AssignRoles", "LinearInfo", "ROLE_RULES", "roles"]

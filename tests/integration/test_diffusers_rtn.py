@@ -1,0 +1,57 @@
+"""RTN through the whole spine on the five diffusers transformers at tiny configs.
+
+Floors: W8A8 and W4A16 must stay above 25 dB (the issue's bar). W4A4 RTN on these
+random-weight models lands at 29-38 dB (per-layer SQNR ~13-22 dB, diluted by the
+residual stream and the full-precision skip layers), so 20 dB leaves a margin of about
+9 dB while still catching a broken rewrite, which gives near 0 dB or NaN.
+"""
+
+import pytest
+import torch
+
+import clq_compile as clq
+from clq_compile.qlinear import sqnr
+from clq_compile.testing import TINY_MODELS
+
+FLOORS = {"w8a8": 25.0, "w4a16": 25.0, "w4a8": 25.0, "w4a4": 20.0}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_MODELS))
+def model_and_inputs(request):
+    return TINY_MODELS[request.param]()
+
+
+@pytest.mark.parametrize("bits", sorted(FLOORS))
+def test_rtn_quality_and_node_count(model_and_inputs, bits):
+    model, inputs = model_and_inputs
+    qm = clq.quantize(model, [inputs(i) for i in range(3)], recipe="rtn", bits=bits)
+    held_out = inputs(7)
+    with torch.no_grad():
+        ref = model(**held_out)[0]
+    out = qm(**held_out)[0]
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    db = sqnr(ref, out)
+    assert db > FLOORS[bits], f"{bits}: {db:.1f} dB"
+    n_ops = sum(1 for n in qm.graph_module.graph.nodes
+                if n.op == "call_function" and n.target == torch.ops.clq.quant_linear.default)
+    assert n_ops == len(qm.plan.quantized_layers()) > 0
+    assert all(lp.sqnr_db is not None for lp in qm.plan.quantized_layers())
+
+
+def test_dynamic_batch(model_and_inputs):
+    model, inputs = model_and_inputs
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w8a8", measure=False)
+    x3 = inputs(5, b=3)
+    with torch.no_grad():
+        ref = model(**x3)[0]
+    out = qm(**x3)[0]
+    assert out.shape[0] == 3 and sqnr(ref, out) > 25.0
+
+
+def test_fp_weights_are_dropped_for_quantized_layers(model_and_inputs):
+    model, inputs = model_and_inputs
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False)
+    assert qm.weight_bytes() < qm.fp_weight_bytes
+    text = clq.inspect(qm)
+    for lp in qm.plan.layers.values():
+        assert lp.name in text
