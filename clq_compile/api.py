@@ -12,9 +12,10 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.annotations import annotated_linears
 from clq_compile.calibration import GraphRunner, flatten_calls, validate_calibration
 from clq_compile.capture import capture
+from clq_compile.overrides import PlanOverride
 from clq_compile.passes.blocks import AnnotateBlocks
 from clq_compile.passes.chains import CrossLayerChains
 from clq_compile.passes.find_linears import FindLinears
@@ -24,7 +25,7 @@ from clq_compile.passes.rewrite import RewriteLinears
 from clq_compile.passes.roles import AssignRoles
 from clq_compile.passes.skip_policy import DEFAULT_SKIP_ROLES, SkipPolicy
 from clq_compile.plan import Plan
-from clq_compile.qlinear import apply_transform, pack_weight, quantized_linear, sqnr_db
+from clq_compile.qlinear import sqnr_db
 from clq_compile.recipes import handler, resolve_recipe
 from clq_compile.recipes.base import PlanContext, RecipeConfig
 from clq_compile.spec import QuantSpec, parse_bits
@@ -76,29 +77,31 @@ def measure_layers(ctx: PlanContext, plan: Plan) -> None:
     record each layer's output SQNR against its fp output on the same (quantized-prefix)
     input."""
     stats: dict[str, list[float]] = {}
-    packed = {lp.name: pack_weight(ctx.weight(lp.name), lp, plan.transform_of(lp))
-              for lp in plan.quantized_layers()}
-
-    def override(node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
-        info = linear_info(node)
-        lp = plan.layers.get(info.name) if info is not None else None
-        if lp is None or not lp.quantized:
-            return NotImplemented
-        x, bias = args[0], (args[2] if len(args) > 2 else None)
-        ref = torch.nn.functional.linear(x, args[1], bias)
-        out = quantized_linear(apply_transform(x, plan.transform_of(lp)), packed[lp.name],
-                               bias, lp)
-        s = stats.setdefault(lp.name, [0.0, 0.0])
-        s[0] += float(ref.double().pow(2).sum())
-        s[1] += float((ref.double() - out.double()).pow(2).sum())
-        return out
-
+    override = PlanOverride(ctx, plan, measure=stats)
     envs = ctx.runner.start(ctx.flat_calib)
     segments = ctx.runner.order
     for seg in tqdm(segments, desc="measure", leave=False, disable=len(segments) < 8):
         ctx.runner.run_segment(seg, envs, override)
     for name, (sig, noise) in stats.items():
         plan.layers[name].sqnr_db = sqnr_db(sig, noise)
+
+
+def plan_model(
+    model: torch.nn.Module,
+    calib: Sequence[Any],
+    recipe: str | RecipeConfig = "rtn",
+    bits: str | QuantSpec = "w4a4",
+    dynamic_shapes: Any = None,
+    **options: Any,
+) -> tuple[fx.GraphModule, Plan]:
+    """Capture, analyze and plan without rewriting: the analyzed graph and its Plan."""
+    config = resolve_recipe(recipe, **options)
+    spec = parse_bits(bits).with_groups(config.w_group or None, config.a_group or None)
+    calls = validate_calibration(model, calib)
+    model.eval()
+    gm = analyze(capture(model, *calls[0], dynamic_shapes=dynamic_shapes), spec, config)
+    ctx = PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
+    return gm, handler(config)(ctx, config)
 
 
 def quantize(

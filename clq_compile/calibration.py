@@ -167,5 +167,43 @@ class GraphRunner:
                     del env[n]
         return produced
 
+    @torch.no_grad()
+    def probe(
+        self,
+        envs: list[dict[fx.Node, Any]],
+        start: int,
+        watch: set[fx.Node],
+        override: Override | None = None,
+        reuse: list[dict[fx.Node, Any]] | None = None,
+        dirty: set[fx.Node] | None = None,
+    ) -> dict[fx.Node, list[Any]]:
+        """Run from segment ``start`` on copies of ``envs`` until every watched node has
+        been computed; return their values per sample. ``envs`` are left untouched.
+
+        ``reuse``/``dirty``: float values of segment ``start`` per sample, and the nodes
+        that must be recomputed anyway (those downstream of the probed layer); every other
+        node of that segment is taken from ``reuse`` instead of being evaluated again.
+        """
+        seen: dict[fx.Node, list[Any]] = {n: [] for n in watch}
+        segs = self.order[self.order.index(start):]
+        for i, env0 in enumerate(envs):
+            env, left = dict(env0), set(watch)
+            for seg in segs:
+                for node in self.segments.get(seg, []):
+                    if reuse is not None and seg == start and node not in dirty:
+                        env[node] = reuse[i][node]
+                    else:
+                        env[node] = self._eval(node, env, i, override)
+                    if node in left:
+                        seen[node].append(env[node])
+                        left.discard(node)
+                        if not left:
+                            break
+                if not left:
+                    break
+                for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
+                    del env[n]
+        return seen
+
     def outputs(self, envs: list[dict[fx.Node, Any]]) -> list[Any]:
         return [fx.node.map_arg(self.output.args[0], env.__getitem__) for env in envs]

@@ -56,4 +56,6 @@ def handler(config: RecipeConfig) -> PlanFn:
 
 
 # Built-in recipes register themselves on import.
+from clq_compile.recipes import baselines as _baselines  # noqa: E402,F401
+from clq_compile.recipes import clq as _clq  # noqa: E402,F401
 from clq_compile.recipes import rtn as _rtn  # noqa: E402,F401

@@ -1,0 +1,116 @@
+"""CBC (cross-block calibration): the driver that walks blocks in order.
+
+For block b it (1) runs b in float on the current calibration inputs, collecting
+statistics of every planned linear's input, (2) lets the recipe decide b's layers, then
+(3) advances the calibration inputs through b *quantized with its final plan*, so block
+b+1 is calibrated on what the quantized prefix really produces. ``prefix``:
+- "all": the whole quantized prefix feeds block b (default);
+- "last": only block b-1 is quantized, on full-precision inputs (the paper's reading);
+- "none": plain PTQ, statistics from the full-precision model (ablation).
+Only the values live at a block boundary are held, per calibration call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from clq_compile.annotations import linear_info
+from clq_compile.overrides import PlanOverride
+from clq_compile.plan import Plan
+from clq_compile.recipes.base import PlanContext
+
+log = logging.getLogger(__name__)
+
+PREFIXES = ("all", "last", "none")
+
+
+@dataclass
+class GroupStats:
+    """Per-channel statistics of one shared input, over all calibration tokens."""
+
+    absmax: torch.Tensor
+    samples: list[torch.Tensor] = field(default_factory=list)  # token subsample (percentile)
+
+    def score(self, percentile: float | None) -> torch.Tensor:
+        if percentile is None or not self.samples:
+            return self.absmax
+        return torch.quantile(torch.cat(self.samples).abs(), percentile, dim=0)
+
+
+@dataclass
+class BlockData:
+    seg: int
+    envs: list[dict[fx.Node, Any]]  # calibration inputs of this block (quantized prefix)
+    stats: dict[int, GroupStats]  # by group id, for groups with a layer in this block
+    layers: list[str]  # planned layers of this block, in graph order
+
+
+def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int):
+    stats: dict[int, GroupStats] = {}
+    layers: list[str] = []
+    gen = torch.Generator().manual_seed(seg + 1)
+
+    visited: set[tuple[int, int]] = set()
+
+    def override(node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
+        info = linear_info(node)
+        lp = plan.layers.get(info.name) if info is not None else None
+        if lp is None or not lp.quantized:
+            return NotImplemented
+        if lp.name not in layers:
+            layers.append(lp.name)
+        if (lp.group, i) in visited:  # q/k/v read the same tensor: count it once
+            return NotImplemented
+        visited.add((lp.group, i))
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        am = x.abs().amax(dim=0)
+        st = stats.get(lp.group)
+        if st is None:
+            st = stats[lp.group] = GroupStats(am)
+        else:
+            st.absmax = torch.maximum(st.absmax, am)
+        if keep_tokens:
+            idx = torch.randint(0, x.shape[0], (min(keep_tokens, x.shape[0]),), generator=gen)
+            st.samples.append(x[idx])
+        return NotImplemented
+
+    ctx.runner.run_segment(seg, envs, override, commit=False)
+    return stats, layers
+
+
+def calibrate_blockwise(
+    ctx: PlanContext,
+    plan: Plan,
+    decide: Callable[[BlockData], None],
+    prefix: str = "all",
+    keep_tokens: int = 0,
+    desc: str = "CBC",
+) -> None:
+    """Walk the blocks; ``decide`` fills in the plan of each block's layers in place."""
+    if prefix not in PREFIXES:
+        raise ValueError(f"unknown CBC prefix {prefix!r}; choose from {PREFIXES}")
+    runner = ctx.runner
+    fp = runner.start(ctx.flat_calib)
+    cal = fp if prefix == "none" else runner.start(ctx.flat_calib)
+    cache: dict = {}
+    segments = runner.order
+    for seg in tqdm(segments, desc=desc, leave=False, disable=len(segments) < 4):
+        stats, layers = _collect(ctx, plan, seg, cal, keep_tokens)
+        if layers:
+            decide(BlockData(seg, cal, stats, layers))
+        quantized = PlanOverride(ctx, plan, cache=cache)
+        if prefix == "all":
+            runner.run_segment(seg, cal, quantized)
+        elif prefix == "last":
+            cal = [dict(e) for e in fp]
+            runner.run_segment(seg, cal, quantized)
+            runner.run_segment(seg, fp, None)
+        else:
+            runner.run_segment(seg, fp, None)

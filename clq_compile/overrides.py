@@ -1,0 +1,67 @@
+"""Runner overrides: evaluate planned linears quantized while the rest runs in float.
+
+One class serves CBC (advance the quantized prefix), CLPS probes (only one layer
+quantized, trial clips) and per-layer measurement, so all three compute exactly what the
+rewritten graph computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from clq_compile.annotations import linear_info
+from clq_compile.plan import Plan
+from clq_compile.qlinear import PackedWeight, apply_transform, pack_weight, quantized_linear
+
+
+class PlanOverride:
+    """Callable for :meth:`GraphRunner.run_segment`/``probe``.
+
+    ``only``: restrict to these layer names. ``clips``: per-layer (w_clip, a_clip) trials
+    that win over the plan. ``measure``: accumulate (signal, noise) energy per layer
+    against the float linear on the same input.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        plan: Plan,
+        only: set[str] | None = None,
+        clips: dict[str, tuple[float, float]] | None = None,
+        measure: dict[str, list[float]] | None = None,
+        cache: dict[tuple, PackedWeight] | None = None,
+    ) -> None:
+        self.ctx, self.plan, self.only = ctx, plan, only
+        self.clips = clips or {}
+        self.measure = measure
+        self.cache = {} if cache is None else cache
+
+    def packed(self, name: str, w_clip: float) -> PackedWeight:
+        lp = self.plan.layers[name]
+        tp = self.plan.transform_of(lp)
+        key = (name, w_clip, id(tp))
+        if key not in self.cache:
+            self.cache[key] = pack_weight(self.ctx.weight(name), lp, tp, w_clip=w_clip)
+        return self.cache[key]
+
+    def __call__(self, node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
+        info = linear_info(node)
+        if info is None or (self.only is not None and info.name not in self.only):
+            return NotImplemented
+        lp = self.plan.layers.get(info.name)
+        if lp is None or not lp.quantized:
+            return NotImplemented
+        w_clip, a_clip = self.clips.get(lp.name, (lp.w_clip, lp.a_clip))
+        x = args[0]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        out = quantized_linear(apply_transform(x, self.plan.transform_of(lp)),
+                               self.packed(lp.name, w_clip), bias, lp, a_clip)
+        if self.measure is not None:
+            ref = torch.nn.functional.linear(x, args[1], bias).double()
+            s = self.measure.setdefault(lp.name, [0.0, 0.0])
+            s[0] += float(ref.pow(2).sum())
+            s[1] += float((ref - out.double()).pow(2).sum())
+        return out

@@ -1,0 +1,79 @@
+"""OBS: permutations, Hadamard folding, shared transforms, rotation-only exactness."""
+
+import pytest
+import torch
+
+import clq_compile as clq
+from clq_compile.api import plan_model
+from clq_compile.passes.infra import PassManager
+from clq_compile.passes.obs import obs_transform, permutation, quarot_transform
+from clq_compile.passes.rotate import RotateLinears
+from clq_compile.qlinear import apply_transform, fold_weight
+from clq_compile.testing import tiny_flux, tiny_pixart
+
+
+def test_sorted_permutation_orders_scores_descending():
+    scores = torch.rand(64)
+    p = permutation(scores, "sorted", 16)
+    assert torch.equal(scores[p], torch.sort(scores, descending=True).values)
+
+
+def test_zigzag_is_a_permutation_that_spreads_outliers():
+    scores = torch.rand(128)
+    scores[:8] += 100.0  # eight outlier channels
+    p = permutation(scores, "zigzag", 16)
+    assert torch.equal(torch.sort(p).values, torch.arange(128))
+    per_block = (p.reshape(8, 16) < 8).sum(dim=1)  # outliers landing in each block
+    assert per_block.tolist() == [1] * 8
+    assert permutation(scores, "none", 16) is None
+
+
+@pytest.mark.parametrize("tp", [
+    obs_transform(torch.rand(96), "zigzag", 128),  # falls back to B=32
+    obs_transform(torch.rand(96), "sorted", 32),
+    quarot_transform(96, 1 << 14, seed=1),
+])
+def test_transform_then_folded_weight_is_exact(tp):
+    x, w = torch.randn(5, 96), torch.randn(40, 96)
+    y = apply_transform(x, tp) @ fold_weight(w, tp).T
+    assert torch.allclose(y, x @ w.T, atol=1e-4)
+
+
+def test_block_fallback_is_recorded():
+    tp = obs_transform(torch.rand(96), "zigzag", 128)
+    assert tp.block == 32 and "does not divide" in tp.note
+
+
+@pytest.mark.parametrize("recipe,opts", [
+    ("clq", {"clps": False}), ("clq", {"clps": False, "order": "sorted"}),
+    ("quarot", {}), ("smoothquant", {}),
+])
+@pytest.mark.parametrize("factory", [tiny_pixart, tiny_flux])
+def test_rotation_only_leaves_output_unchanged(factory, recipe, opts):
+    """Transforms are orthogonal (or diagonal) and folded exactly: the output may move
+    only by float32 rounding, ~1e-6 relative; 1e-4 leaves margin for accumulation."""
+    model, inputs = factory()
+    calib = [inputs(i) for i in range(2)]
+    gm, plan = plan_model(model, calib, recipe=recipe, bits="w4a4", **opts)
+    assert plan.transforms
+    gm = PassManager([RotateLinears(plan)])(gm).gm
+    n_t = sum(1 for n in gm.graph.nodes if n.target == torch.ops.clq.transform.default)
+    assert n_t == len({lp.group for lp in plan.quantized_layers()})
+    x = inputs(5)
+    with torch.no_grad():
+        ref, out = model(**x)[0], gm(**x)[0]
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_shared_input_layers_share_one_transform_node():
+    model, inputs = tiny_pixart()
+    qm = clq.quantize(model, [inputs(0)], recipe="clq", bits="w4a4", clps=False)
+    transforms = [n for n in qm.graph_module.graph.nodes
+                  if n.target == torch.ops.clq.transform.default]
+    groups = {lp.group for lp in qm.plan.quantized_layers()}
+    assert len(transforms) == len(groups)
+    q = [n for n in qm.graph_module.graph.nodes
+         if n.target == torch.ops.clq.quant_linear.default
+         and n.meta["clq"].name in {f"transformer_blocks.0.attn1.to_{c}" for c in "qkv"}]
+    assert len(q) == 3 and len({n.args[0] for n in q}) == 1
+    assert q[0].args[0].target == torch.ops.clq.transform.default
