@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch.fx as fx
+
 from clq_compile.passes.graph_utils import block_containers, block_key, module_path
 from clq_compile.passes.infra import GraphPass, PassResult
 

@@ -4,9 +4,9 @@ within ``window`` blocks, in dependency (graph) order. CLPS searches its target 
 from __future__ import annotations
 
 import torch.fx as fx
-from clq_compile.passes.infra import GraphPass, PassResult
 
 from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.passes.infra import GraphPass, PassResult
 
 
 class CrossLayerChains(GraphPass):

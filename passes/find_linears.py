@@ -6,11 +6,11 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+
+from clq_compile.annotations import META_KEY, LinearInfo
 from clq_compile.passes.blocks import BLOCK_KEY
 from clq_compile.passes.graph_utils import is_linear, module_path, val
 from clq_compile.passes.infra import GraphPass, PassResult
-
-from clq_compile.annotations import META_KEY, LinearInfo
 
 
 def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch.fx as fx
-from clq_compile.passes.infra import GraphPass, PassResult
 
 from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.passes.infra import GraphPass, PassResult
 
 
 class SharedInputGroups(GraphPass):

@@ -7,10 +7,10 @@ import re
 
 import torch
 import torch.fx as fx
-from clq_compile.passes.find_linears import weight_tensor
-from clq_compile.passes.infra import GraphPass, PassResult
 
 from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.passes.find_linears import weight_tensor
+from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.plan import Plan
 from clq_compile.qlinear import pack_weight
 

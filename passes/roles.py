@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch.fx as fx
+
+from clq_compile.annotations import LinearInfo, annotated_linears, linear_info
 from clq_compile.passes.blocks import BLOCK_KEY
 from clq_compile.passes.graph_utils import is_linear, is_sdpa, op_name, rank
 from clq_compile.passes.infra import GraphPass, PassResult
-
-from clq_compile.annotations import LinearInfo, annotated_linears, linear_info
 
 # Ops that move or relabel data without mixing tokens: followed when tracing a value.
 RESHAPE_OPS = frozenset(

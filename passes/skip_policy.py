@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch.fx as fx
-from clq_compile.passes.infra import GraphPass, PassResult
 
 from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.spec import QuantSpec
 
 DEFAULT_SKIP_ROLES: Mapping[str, str] = {

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from clq_compile.passes.groups import groups
-from clq_compile.passes.roles import roles
 
 from clq_compile.annotations import annotated_linears, linear_info
 from clq_compile.api import analyze
 from clq_compile.capture import capture
+from clq_compile.passes.groups import groups
+from clq_compile.passes.roles import roles
 from clq_compile.recipes import resolve_recipe
 from clq_compile.spec import QuantSpec
 from tests.passes.toy import ToyDiT, toy_inputs

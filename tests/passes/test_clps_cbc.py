@@ -55,7 +55,8 @@ def test_clps_picks_the_planted_worst_downstream_layer():
     assert plan.layers["b"].target == "b"  # nothing downstream: its own output
 
 
-def _ctx(model, calls, spec=QuantSpec(4, 4)):
+def _ctx(model, calls, spec=None):
+    spec = spec or QuantSpec(4, 4)
     gm = analyze(capture(model, *validate_calibration(model, calls)[0]), spec,
                  resolve_recipe("rtn"))
     return PlanContext(gm, spec, flatten_calls(gm, validate_calibration(model, calls)),
