@@ -6,12 +6,41 @@ five architectures. Weights are seeded; nothing is downloaded.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 Inputs = dict[str, Any]
+
+
+def plant_outliers(
+    model: torch.nn.Module, sites: list[str], scale: float, n: int = 4, seed: int = 0
+) -> torch.nn.Module:
+    """Scale ``n`` output channels of the modules matching ``sites`` (fnmatch patterns)
+    by ``scale``: random weights get the channel outliers trained DiTs have (massive
+    residual-stream channels from the patch embedding, heavy MLP hidden channels)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if any(fnmatch.fnmatch(name, p) for p in sites) and hasattr(mod, "weight"):
+                idx = torch.randperm(mod.weight.shape[0], generator=g)[:n]
+                mod.weight[idx] *= scale
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias[idx] *= scale
+    return model
+
+
+# Where each tiny model gets its planted outliers (test scaffolding, not library policy).
+OUTLIER_SITES: dict[str, list[str]] = {
+    "dit": ["pos_embed.proj", "transformer_blocks.*.ff.net.0.proj"],
+    "pixart": ["pos_embed.proj", "transformer_blocks.*.ff.net.0.proj"],
+    "sd3": ["pos_embed.proj", "transformer_blocks.*.ff.net.0.proj"],
+    "flux": ["x_embedder", "transformer_blocks.*.ff.net.0.proj",
+             "single_transformer_blocks.*.proj_mlp"],
+    "wan": ["patch_embedding", "blocks.*.ffn.net.0.proj"],
+}
 
 
 def _seeded(seed: int) -> torch.Generator:
