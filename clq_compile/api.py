@@ -101,7 +101,9 @@ def plan_model(
     model.eval()
     gm = analyze(capture(model, *calls[0], dynamic_shapes=dynamic_shapes), spec, config)
     ctx = PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
-    return gm, handler(config)(ctx, config)
+    plan = handler(config)(ctx, config)
+    plan.meta["calib_peak_bytes"] = ctx.runner.peak_bytes
+    return gm, plan
 
 
 def quantize(
@@ -132,7 +134,8 @@ def quantize(
     if measure:
         measure_layers(ctx, plan)
     plan.meta.update(
-        calib_calls=len(calls), capture_s=round(t1 - t0, 3), plan_s=round(t2 - t1, 3),
+        calib_calls=len(calls), calib_peak_bytes=ctx.runner.peak_bytes,
+        capture_s=round(t1 - t0, 3), plan_s=round(t2 - t1, 3),
         measure_s=round(time.perf_counter() - t2, 3), config=repr(config),
     )
     gm = PassManager([RewriteLinears(plan)])(gm).gm

@@ -111,6 +111,20 @@ class GraphRunner:
                 s = 1 << 30 if u.op == "output" else u.meta.get(SEGMENT_KEY, -1)
                 self.last_use[n] = max(self.last_use.get(n, -2), s)
         self._attrs: dict[str, Any] = {}
+        self.peak_bytes = 0  # most activation bytes held at once (CBC's memory claim)
+
+    @staticmethod
+    def held_bytes(envs: Sequence[dict[fx.Node, Any]]) -> int:
+        """Bytes of the distinct tensors (by storage) the environments hold."""
+        seen: dict[int, int] = {}
+        for env in envs:
+            for n, v in env.items():
+                if n.op == "get_attr":  # weights are not calibration activations
+                    continue
+                for t in pytree.tree_leaves(v):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
 
     def start(self, flat_calls: Sequence[Sequence[Any]]) -> list[dict[fx.Node, Any]]:
         envs = []
@@ -162,6 +176,8 @@ class GraphRunner:
             for node in self.segments.get(seg, []):
                 local[node] = new[node] = self._eval(node, local, i, override)
             produced.append(new)
+            if i == len(envs) - 1 or not commit:
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes([*envs, local]))
             if commit:
                 for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
                     del env[n]

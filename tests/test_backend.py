@@ -123,3 +123,24 @@ def test_calibration_inputs_through_options(monkeypatch):
                       options={"recipe": "rtn", "bits": "w4a4", "calib": calib})(**inputs(4))
     plan = calls[0].meta["clq_plan"]
     assert all(lp.sqnr_db is not None and lp.sqnr_db > 5 for lp in plan.quantized_layers())
+
+
+def test_clq_recipe_through_backend_matches_quantize():
+    """Calibration calls are mapped onto Dynamo's placeholders by source name, so the
+    backend plans exactly what clq.quantize plans."""
+    model, inputs = tiny_pixart()
+    calib = [inputs(i) for i in range(2)]
+    opts = {"w_grid": (1.0, 0.9), "a_grid": (1.0, 0.9)}
+    with torch.no_grad():
+        out = torch.compile(model, backend="clq", fullgraph=True,
+                            options={"recipe": "clq", "bits": "w4a4", "calib": calib,
+                                     **opts})(**inputs(9))[0]
+    qm = clq.quantize(model, calib, recipe="clq", bits="w4a4", measure=False, **opts)
+    assert torch.equal(out, qm(**inputs(9))[0])
+
+
+def test_calibrating_recipe_without_calibration_is_a_clear_error():
+    model, inputs = tiny_pixart()
+    with pytest.raises(Exception, match="needs calibration inputs"):
+        with torch.no_grad():
+            torch.compile(model, backend="clq", options={"recipe": "clq"})(**inputs(0))

@@ -1,0 +1,111 @@
+"""CBC memory: peak calibration activations held while calibrating block by block,
+against what a calibrate-everything-at-once PTQ would hold (every linear's input for
+every calibration call), plus the process peak RSS.
+
+    python benchmarks/cbc_memory.py --model pixart-alpha   # 28 blocks, hidden 1152
+    python benchmarks/cbc_memory.py --model shapes         # the trained benchmark DiT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+import clq_compile as clq
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def pixart_alpha(tokens_side: int, batch: int, calls: int):
+    """PixArt-α-size transformer (28 blocks, 16×72 = 1152 hidden), random weights."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+        num_layers=28, cross_attention_dim=1152, sample_size=tokens_side * 2, patch_size=2,
+        caption_channels=4096, num_embeds_ada_norm=1000,
+    ).eval()
+
+    def call(i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return dict(
+            hidden_states=torch.randn(batch, 4, tokens_side * 2, tokens_side * 2, generator=g),
+            encoder_hidden_states=torch.randn(batch, 16, 4096, generator=g),
+            timestep=torch.randint(0, 1000, (batch,), generator=g),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+
+    return model, [call(i) for i in range(calls)]
+
+
+def shapes(calls: int):
+    from clq_compile.eval import load_shapes_dit, record_calibration
+
+    model, encoder = load_shapes_dit()
+    return model, record_calibration(model, encoder, n_calls=calls)
+
+
+def all_linear_inputs_bytes(model: torch.nn.Module, calib: list[dict]) -> int:
+    """What holding every linear's input for the whole calibration set costs."""
+    seen: dict[int, int] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, a: seen.__setitem__(id(a[0]), a[0].numel() * a[0].element_size()))
+        for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    total = 0
+    with torch.no_grad():
+        for c in calib:
+            seen.clear()
+            model(**c)
+            total += sum(seen.values())
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=["pixart-alpha", "shapes"], default="pixart-alpha")
+    ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--tokens-side", type=int, default=16, help="latent patches per side")
+    ap.add_argument("--batch", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    if args.model == "pixart-alpha":
+        model, calib = pixart_alpha(args.tokens_side, args.batch, args.calls)
+    else:
+        model, calib = shapes(args.calls)
+    naive = all_linear_inputs_bytes(model, calib)
+    t0 = time.perf_counter()
+    # CBC + OBS; CLPS off so the run stays in CPU minutes at this size (its probes hold
+    # one window of activations for clps_samples calls on top of this).
+    qm = clq.quantize(model, calib, recipe="clq", bits="w4a4", clps=False, measure=False)
+    seconds = time.perf_counter() - t0
+    peak = qm.plan.meta["calib_peak_bytes"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = dict(model=args.model, calib_calls=args.calls, blocks=len(
+        {lp.block for lp in qm.plan.layers.values() if lp.block is not None}),
+        cbc_peak_activation_mib=round(peak / 2**20, 1),
+        all_linear_inputs_mib=round(naive / 2**20, 1), ratio=round(naive / max(peak, 1), 1),
+        process_peak_rss_mib=round(rss / 2**20, 1), calibrate_s=round(seconds, 1))
+    print(tabulate([row], headers="keys"))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"cbc_memory_{args.model}.json"
+    out.write_text(json.dumps(dict(
+        row=row, device="cpu", cpu=platform.processor() or platform.machine(),
+        torch=torch.__version__, date=datetime.date.today().isoformat(), args=vars(args),
+    ), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
