@@ -1,0 +1,128 @@
+"""Packed clq weights as ONNX constants in the layouts each ORT form wants.
+
+The translation functions only see symbolic values, so the weight bytes are looked up by
+the exported program's placeholder name (``WeightTable``) and re-laid out here: ONNX
+MatMul wants B as (K, N), so the int values are transposed and stored as INT4/INT8
+tensors (ONNX packs INT4 two per byte, first element in the low nibble, exactly like
+``clq_compile.quant.pack_int4`` but along N instead of K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from clq_compile.ops import unpack_weight, weight_group
+
+from .errors import OnnxExportError
+
+_INT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """One quant_linear weight: integer values (N, K) and float32 scales (N, n_groups)."""
+
+    name: str
+    q: np.ndarray  # int8 container, values in the w_bits range
+    scale: np.ndarray  # float32 (N, n_groups)
+    bits: int
+
+    @property
+    def n(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def group(self) -> int:
+        """Group size along K (0 = one scale per output channel)."""
+        return weight_group(self.k, torch.from_numpy(self.scale))
+
+    def int_tensor(self, shape: tuple[int, ...] | None = None, suffix: str = "kn") -> ir.Tensor:
+        """Transposed (K, N) integer values (or reshaped to ``shape``) as INT4/INT8."""
+        kn = np.ascontiguousarray(self.q.T)
+        if shape is not None:
+            kn = kn.reshape(shape)
+        return ir.Tensor(kn.astype(_INT_TYPES[self.bits]), name=f"{self.name}_{suffix}")
+
+    def scale_tensor(self, value: np.ndarray, suffix: str) -> ir.Tensor:
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        return ir.Tensor(value, name=f"{self.name}_{suffix}")
+
+
+class WeightTable:
+    """Placeholder name → constant tensor of an exported program (parameters, buffers and
+    lifted constants), so translations can read the packed weights they are handed."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tensors = tensors
+
+    @classmethod
+    def from_exported_program(cls, ep: torch.export.ExportedProgram) -> WeightTable:
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in ep.graph_signature.input_specs:
+            if spec.target is None:
+                continue
+            if spec.target in ep.state_dict:
+                tensors[spec.arg.name] = ep.state_dict[spec.target]
+            elif spec.target in ep.constants:
+                tensors[spec.arg.name] = ep.constants[spec.target]
+        return cls(tensors)
+
+    def tensor(self, value: ir.Value, what: str) -> torch.Tensor:
+        t = self._tensors.get(value.name or "")
+        if not isinstance(t, torch.Tensor):
+            raise OnnxExportError(
+                f"clq.quant_linear {what} {value.name!r} is not a constant of the graph; the "
+                "ONNX lowering needs packed weights as buffers reached by get_attr",
+                op="clq.quant_linear",
+            )
+        return t.detach().cpu()
+
+    def weight(self, w_q: ir.Value, w_scale: ir.Value, w_bits: int) -> PackedWeight:
+        q = unpack_weight(self.tensor(w_q, "weight"), w_bits)
+        scale = self.tensor(w_scale, "weight scale").float()
+        if scale.dim() != 2 or scale.shape[0] != q.shape[0] or q.shape[1] % scale.shape[1]:
+            raise OnnxExportError(
+                f"weight scale {tuple(scale.shape)} does not fit weight {tuple(q.shape)}",
+                op="clq.quant_linear",
+            )
+        return PackedWeight(w_q.name or "w", q.numpy(), scale.numpy(), w_bits)
+
+
+def nbits_block(k: int, group: int, max_block: int = 256) -> int:
+    """MatMulNBits block size for a weight: its group when that is a power of two ≥ 16,
+    else (per channel) the largest power of two ≤ ``max_block`` dividing K; 0 if none.
+
+    A per-channel scale repeated over every block of a row is the same dequantization,
+    so per-channel weights lose nothing by being stored blockwise.
+    """
+    if group:
+        return group if group >= 16 and group & (group - 1) == 0 else 0
+    b = k & -k
+    b = min(b, max_block)
+    return b if b >= 16 else 0
+
+
+def nbits_tensors(w: PackedWeight, block: int) -> tuple[ir.Tensor, ir.Tensor]:
+    """MatMulNBits B (N, K/block, block/2) uint8 and scales (N·K/block,) float32.
+
+    MatMulNBits stores unsigned nibbles with an implicit zero point of 8, so the signed
+    value q is stored as q + 8: (q + 8 - 8) · scale is the same product, bit for bit.
+    """
+    u = (w.q.astype(np.int16) + 8).astype(np.uint8)
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    n_blocks = w.k // block
+    b = packed.reshape(w.n, n_blocks, block // 2)
+    per_block = np.repeat(w.scale, n_blocks // w.scale.shape[1], axis=1)
+    return (
+        ir.Tensor(np.ascontiguousarray(b), name=f"{w.name}_nbits"),
+        w.scale_tensor(per_block.reshape(-1), "nbits_scale"),
+    )

@@ -1,0 +1,256 @@
+"""Fused online transform + activation quantization (one kernel, one launch).
+
+Per (BLOCK_M, BLOCK_K) tile: gather channels by ``perm``, multiply by ``smooth``, rotate
+each B-block by a ``tl.dot`` against the B×B rotation tile, then either store the result
+(transform only: serves ``clq::transform``) or quantize it symmetric per token / per
+group and store int8 or packed int4 plus float32 scales.
+
+Per-token scales need the row's absmax before any value can be quantized, so that mode
+makes two passes over the row inside the kernel (absmax, then recompute and quantize: the
+second read mostly hits L2). Per-group mode is a single pass when the tile holds whole
+groups. Scales and integers are bit-exact with ``clq_compile.quant`` (same fp32 ops,
+IEEE division, ties-to-even rounding); see tests/triton/test_act_quant.py.
+
+Import this module only after choosing interpret vs compile (``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from clq_compile.lowering.triton import configs
+from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
+from clq_compile.lowering.triton.support import RowPlan, plan_rows
+from clq_compile.quant import EPS
+
+# tl.dot precision of the fp32 rotation. "tf32x3" (three tf32 MMAs) keeps ~fp32 accuracy
+# on tensor cores, so the fused result tracks the fp32 reference; "tf32" is ~3x less MMA
+# work with ~2^-11 relative error per product (below the bf16 rounding the graph applies
+# anyway) for when the kernel turns out compute-bound. The interpreter computes in numpy
+# fp32 whatever is asked.
+ROT_PRECISIONS = ("tf32x3", "tf32", "ieee")
+DEFAULT_ROT_PRECISION = "ieee" if configs.interpreting() else "tf32x3"
+_ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
+
+
+@triton.jit
+def _transformed_tile(
+    x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K, stride_xm, stride_xk,
+    HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
+    ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 tile of ((x[:, perm] * smooth) · blockdiag(rot)) for columns k0..k0+BLOCK_K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    else:
+        cols = offs_k.to(tl.int64)
+    mask = mask_m[:, None] & mask_k[None, :]
+    ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        s = tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x = x * s[None, :]
+    if ROT_B > 0:
+        blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // ROT_B, ROT_B))
+        x = tl.reshape(tl.dot(blocks, rot, input_precision=ROT_PRECISION), (BLOCK_M, BLOCK_K))
+    # Match the unfused graph, where clq::transform returns the activation dtype.
+    if ROUND_TO == 1:
+        x = round_to_bf16(x)
+    elif ROUND_TO == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _quantize_tile(x, scale, QMAX: tl.constexpr):
+    """round_half_even(clamp(x / scale)) as int32; ``scale`` already broadcast to x."""
+    v = tl.math.div_rn(x, scale)
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
+    return round_half_even(v).to(tl.int32)
+
+
+@triton.jit
+def _scale_of(amax, clip, QMAX: tl.constexpr, EPS_: tl.constexpr):
+    """max(clip * absmax, EPS) / qmax with an IEEE division, as clq_compile.quant does."""
+    return tl.math.div_rn(tl.maximum(amax * clip, EPS_), QMAX * 1.0)
+
+
+@triton.jit
+def _store_q(q_ptr, q, offs_m, mask_m, k0, K, stride_qm, BITS: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store int32 ``q`` as int8, or as int4 pairs: element 2i low nibble, 2i+1 high."""
+    row = offs_m[:, None].to(tl.int64) * stride_qm
+    if BITS == 4:
+        lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
+        byte = ((lo & 15) | (hi << 4)).to(tl.int8)
+        offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        tl.store(q_ptr + row + offs[None, :], byte, mask=mask_m[:, None] & (offs[None, :] < K // 2))
+    else:
+        offs = k0 + tl.arange(0, BLOCK_K)
+        tl.store(q_ptr + row + offs[None, :], q.to(tl.int8),
+                 mask=mask_m[:, None] & (offs[None, :] < K))
+
+
+def _row_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": t.block_m}, num_warps=t.num_warps, num_stages=t.num_stages)
+            for t in configs.row_tiles()]
+
+
+@triton.autotune(configs=_row_configs(), key=["M", "K", "BLOCK_K", "MODE", "BITS", "ROT_B"])
+@triton.jit
+def _rows_kernel(
+    x_ptr, perm_ptr, smooth_ptr, rot_ptr, out_ptr, scale_ptr,
+    M, K, stride_xm, stride_xk, stride_om, stride_sm, clip,
+    HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
+    ROUND_TO: tl.constexpr, OUT_ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    MODE: tl.constexpr,  # 0 transform only, 1 quantize per token, 2 quantize per group
+    BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    if ROT_B > 0:
+        rb = tl.arange(0, ROT_B)
+        rot = tl.load(rot_ptr + rb[:, None] * ROT_B + rb[None, :]).to(tl.float32)
+    else:
+        rot = 0.0
+
+    if MODE == 1:
+        amax = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
+                                  stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROUND_TO,
+                                  ROT_PRECISION, BLOCK_M, BLOCK_K)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        scale = _scale_of(amax, clip, QMAX, EPS_)
+        tl.store(scale_ptr + offs_m.to(tl.int64) * stride_sm, scale, mask=mask_m)
+
+    for k0 in range(0, K, BLOCK_K):
+        x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
+                              stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROUND_TO,
+                              ROT_PRECISION, BLOCK_M, BLOCK_K)
+        if MODE == 0:
+            if OUT_ROUND == 1:
+                x = round_to_bf16(x)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :]
+            tl.store(ptrs, x.to(out_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & (offs_k[None, :] < K))
+        elif MODE == 1:
+            q = _quantize_tile(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)), QMAX)
+            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, BLOCK_M, BLOCK_K)
+        else:
+            xg = tl.reshape(x, (BLOCK_M, BLOCK_K // GROUP, GROUP))
+            gscale = _scale_of(tl.max(tl.abs(xg), axis=2), clip, QMAX, EPS_)  # (BLOCK_M, groups)
+            gs = tl.broadcast_to(gscale[:, :, None], (BLOCK_M, BLOCK_K // GROUP, GROUP))
+            q = _quantize_tile(xg, gs, QMAX)
+            q = tl.reshape(q, (BLOCK_M, BLOCK_K))
+            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, BLOCK_M, BLOCK_K)
+            offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+            sptrs = scale_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_g[None, :]
+            tl.store(sptrs, gscale, mask=mask_m[:, None] & (offs_g[None, :] < K // GROUP))
+
+
+def _precision(name: str | None) -> str:
+    if name is None:
+        return DEFAULT_ROT_PRECISION
+    if name not in ROT_PRECISIONS:
+        raise ValueError(f"rotation precision {name!r} not in {ROT_PRECISIONS}")
+    return name
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}.get(dtype, _ROUND_NONE)
+
+
+def _launch(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot: torch.Tensor | None,
+    plan: RowPlan,
+    out: torch.Tensor,
+    scale: torch.Tensor | None,
+    clip: float,
+    round_to: int,
+    rot_precision: str | None,
+) -> None:
+    x2 = x.reshape(-1, plan.k)
+    m = x2.shape[0]
+    if m == 0:
+        return
+    rot_f = rot.to(device=x.device, dtype=torch.float32).contiguous() if rot is not None else None
+    mode = 0 if plan.bits == 0 else (2 if plan.group else 1)
+    dummy = x2  # never dereferenced when the matching flag is off
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    _rows_kernel[grid](
+        x2,
+        perm.to(x.device).contiguous() if perm is not None else dummy,
+        smooth.to(x.device).contiguous() if smooth is not None else dummy,
+        rot_f if rot_f is not None else dummy,
+        out,
+        scale if scale is not None else dummy,
+        m, plan.k, x2.stride(0), x2.stride(1), out.stride(0),
+        scale.stride(0) if scale is not None else 0,
+        float(clip),
+        HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, ROT_B=plan.rot_block,
+        ROUND_TO=round_to, OUT_ROUND=_round_code(out.dtype) if plan.bits == 0 else 0,
+        ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
+        QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, 1),
+        EPS_=EPS, BLOCK_K=plan.block_k,
+        enable_fp_fusion=False,  # keep x*smooth and the rounding trick as separate IEEE ops
+    )
+
+
+def rotate_quantize(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot: torch.Tensor | None,
+    bits: int,
+    group: int = 0,
+    clip: float = 1.0,
+    round_to_input_dtype: bool = True,
+    rot_precision: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``transform(x)`` along the last dim in one kernel.
+
+    Returns (int8 (M, K) or packed int4 (M, K/2), float32 scales (M, n_groups)) with M the
+    product of the leading dims. ``round_to_input_dtype`` rounds the transformed values
+    to x's dtype before quantizing, reproducing the unfused ``clq::transform`` ->
+    ``clq::quant_linear`` graph exactly; off, the fused kernel keeps them in fp32.
+    ``rot_precision``: see ``ROT_PRECISIONS`` (default tf32x3 on GPU).
+    Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
+    """
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
+    plan = plan_rows(x, perm, smooth, rot, bits, group)
+    m = x.numel() // plan.k if plan.k else 0
+    width = plan.k // 2 if bits == 4 else plan.k
+    q = torch.empty((m, width), dtype=torch.int8, device=x.device)
+    n_groups = plan.k // plan.group if plan.group else 1
+    scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
+    round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
+    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision)
+    return q, scale
+
+
+def transform(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot: torch.Tensor | None,
+    rot_precision: str | None = None,
+) -> torch.Tensor:
+    """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype."""
+    plan = plan_rows(x, perm, smooth, rot, 0, 0)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, perm, smooth, rot, plan, out.view(-1, plan.k), None, 1.0, _ROUND_NONE,
+            rot_precision)
+    return out

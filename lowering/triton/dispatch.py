@@ -1,0 +1,158 @@
+"""Serve ``torch.ops.clq.*`` with the Triton kernels on CUDA tensors.
+
+``register()`` adds CUDA kernels for ``clq::quant_linear`` (activation-quantize kernel +
+quantized GEMM; weight-only when ``a_bits`` is 16) and ``clq::transform`` (the same row
+kernel in transform-only mode). CPU calls keep the reference implementations.
+
+``quant_linear_triton`` / ``transform_triton`` are the registered functions; they also run
+on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests this exact path. A
+call the kernels do not take (shape, group, dtype, GPU generation) runs the reference
+instead, with the reason logged once per shape.
+
+Kernel modules are imported on first use, not by ``register()``: ``@triton.jit`` fixes
+interpret-vs-compile when its module is imported, and the test suite must get to set
+``TRITON_INTERPRET`` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from clq_compile.lowering.triton import configs
+from clq_compile.lowering.triton.support import Unsupported, plan_gemm
+from clq_compile.ops import quant_linear_reference, transform_reference
+
+log = logging.getLogger(__name__)
+
+_registered = False
+_fallbacks_logged: set[tuple] = set()
+# int8 tl.dot is broken on Turing (triton#9349) and int8 mma needs sm_80 for our tiles.
+MIN_CAPABILITY = (8, 0)
+
+
+def triton_available() -> tuple[bool, str]:
+    """(usable, reason if not)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    return True, ""
+
+
+def _kernels(name: str) -> ModuleType:
+    return importlib.import_module(f"clq_compile.lowering.triton.{name}")
+
+
+def _log_fallback(op: str, key: tuple, reason: str) -> None:
+    """Log a reference fallback once per (op, shape, reason)."""
+    full = (op, key, reason)
+    if full not in _fallbacks_logged:
+        _fallbacks_logged.add(full)
+        log.warning("clq::%s %s runs the reference implementation: %s", op, key, reason)
+
+
+def _device_reason(x: Tensor) -> str:
+    if x.device.type == "cuda":
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < MIN_CAPABILITY:
+            return f"GPU sm_{cap[0]}{cap[1]} < sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]}"
+        return ""
+    if x.device.type == "cpu" and configs.interpreting():
+        return ""
+    return f"no Triton kernel for {x.device.type} tensors (CPU needs TRITON_INTERPRET=1)"
+
+
+def quant_linear_triton(
+    x: Tensor,
+    w_q: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    a_group: int,
+    a_clip: float,
+) -> Tensor:
+    """``clq::quant_linear`` on the kernels: quantize x per token/group (one launch), then
+    the quantized GEMM (one launch); output in x's dtype."""
+    k = x.shape[-1]
+    key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
+           a_bits, a_group)
+    reason = _device_reason(x)
+    if not reason:
+        try:
+            return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip, k)
+        except Unsupported as e:
+            reason = str(e)
+    _log_fallback("quant_linear", key, reason)
+    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+
+
+def _quant_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+    w_bits: int, a_bits: int, a_group: int, a_clip: float, k: int,
+) -> Tensor:
+    qgemm = _kernels("qgemm")
+    x2 = x.reshape(-1, k)
+    n = w_q.shape[0]
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    # Check the GEMM before launching the quantize kernel, so a fallback wastes nothing.
+    if a_bits < 16 and a_group and k % a_group:
+        raise Unsupported(f"activation group {a_group} does not divide K={k}")
+    plan_gemm(
+        a_bits, w_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype
+    )
+    if a_bits == 16:
+        a, a_scale = x2, None
+    else:
+        a, a_scale = _kernels("act_quant").rotate_quantize(
+            x2, None, None, None, a_bits, a_group, a_clip
+        )
+    y = qgemm.quant_matmul(a, a_scale, w_q, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
+                           out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def transform_triton(
+    x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None
+) -> Tensor:
+    """``clq::transform`` on the row kernel (fp32 math, output in x's dtype)."""
+    key = (tuple(x.shape), str(x.dtype), None if rot is None else tuple(rot.shape),
+           perm is not None, smooth is not None)
+    reason = _device_reason(x)
+    if not reason:
+        try:
+            return _kernels("act_quant").transform(x, perm, smooth, rot)
+        except Unsupported as e:
+            reason = str(e)
+    _log_fallback("transform", key, reason)
+    return transform_reference(x, perm, smooth, rot)
+
+
+def register() -> bool:
+    """Register the CUDA kernels for ``clq::quant_linear`` and ``clq::transform``.
+
+    Idempotent. Without Triton it registers nothing, logs why and returns False; CUDA
+    tensors then keep the reference implementations."""
+    global _registered
+    if _registered:
+        return True
+    ok, reason = triton_available()
+    if not ok:
+        log.info("Triton lowering not registered: %s; clq ops use their references", reason)
+        return False
+    import clq_compile.ops  # noqa: F401 - defines the ops we attach kernels to
+
+    torch.library.register_kernel("clq::quant_linear", "cuda", quant_linear_triton)
+    torch.library.register_kernel("clq::transform", "cuda", transform_triton)
+    _registered = True
+    log.debug("registered Triton CUDA kernels for clq::quant_linear and clq::transform")
+    return True
+
+
+def is_registered() -> bool:
+    return _registered

@@ -1,0 +1,155 @@
+"""Which calls the Triton kernels take, and the tile plan for each (no Triton import).
+
+A call the kernels cannot take raises :class:`Unsupported` with the reason; the dispatch
+layer turns that into a reference fallback logged once per shape. Keeping these rules
+apart from the kernels lets tests and the dispatcher ask without compiling anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clq_compile.hadamard import is_pow2
+from clq_compile.lowering.triton import configs
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Unsupported(ValueError):
+    """A shape, dtype or layout the kernels do not take; ``str(e)`` is the reason."""
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Activation quantize / transform launch plan. ``bits`` 0 means transform only;
+    ``group`` 0 means one scale per token."""
+
+    k: int
+    bits: int
+    group: int
+    rot_block: int  # 0: no rotation
+    block_k: int
+
+
+def plan_rows(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot: torch.Tensor | None,
+    bits: int,
+    group: int,
+    interpret: bool | None = None,
+) -> RowPlan:
+    """Check a transform / activation-quantize call and pick its K tile."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise Unsupported(f"activation dtype {x.dtype} (kernels take fp32/bf16/fp16)")
+    k = x.shape[-1] if x.ndim else 0
+    if k == 0:
+        raise Unsupported("empty channel dimension")
+    if bits not in (0, 4, 8):
+        raise Unsupported(f"{bits}-bit activations (kernels quantize to 4 or 8 bits)")
+    if bits == 4 and k % 2:
+        raise Unsupported(f"int4 packing needs an even K, got {k}")
+    if perm is not None and (perm.dtype.is_floating_point or perm.shape != (k,)):
+        raise Unsupported(f"permutation must be an integer vector of length {k}")
+    if smooth is not None and smooth.shape != (k,):
+        raise Unsupported(f"smooth must be a vector of length {k}, got {tuple(smooth.shape)}")
+    b = 0
+    if rot is not None:
+        b = rot.shape[0]
+        if rot.ndim != 2 or rot.shape[1] != b:
+            raise Unsupported(f"rotation must be a square block, got {tuple(rot.shape)}")
+        if not (is_pow2(b) and configs.MIN_ROT_BLOCK <= b <= configs.MAX_ROT_BLOCK):
+            raise Unsupported(
+                f"rotation block {b} (kernel takes powers of two in "
+                f"[{configs.MIN_ROT_BLOCK}, {configs.MAX_ROT_BLOCK}]: tl.dot needs >= 16)"
+            )
+        if k % b:
+            raise Unsupported(f"rotation block {b} does not divide K={k}")
+    if group == k:
+        group = 0  # one group spanning the row is per-token (same scale, same shape)
+    if group:
+        if bits == 0:
+            raise Unsupported("a group only applies when quantizing")
+        if group < 0 or not is_pow2(group) or group < 2 or k % group:
+            raise Unsupported(
+                f"activation group {group} (needs a power of two >= 2 dividing K={k})"
+            )
+    pref = configs.preferred_row_block_k(interpret)
+    block_k = max(b, group, 2, min(pref, _next_pow2(k)))
+    if block_k > configs.MAX_ROW_BLOCK_K:
+        raise Unsupported(f"K tile {block_k} (group/rotation) exceeds {configs.MAX_ROW_BLOCK_K}")
+    return RowPlan(k=k, bits=bits, group=group, rot_block=b, block_k=block_k)
+
+
+A_KINDS = {4: "int4", 8: "int8", 16: "float"}
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """Quantized GEMM launch plan. Scales are constant over K segments of ``seg``
+    elements; ``grouped`` is False when one segment spans K (per token x per channel)."""
+
+    a_kind: str
+    w_packed: bool
+    k: int
+    a_group: int
+    w_group: int
+    seg: int
+    grouped: bool
+    block_k: int
+
+
+def _largest_pow2_divisor(n: int) -> int:
+    return n & -n
+
+
+def plan_gemm(
+    a_bits: int,
+    w_bits: int,
+    k: int,
+    a_scale_groups: int,
+    w_scale_groups: int,
+    out_dtype: torch.dtype,
+    interpret: bool | None = None,
+) -> GemmPlan:
+    """Check a GEMM call. ``*_scale_groups`` is the number of scale columns (1 = per
+    token / per channel; ignored for float activations)."""
+    if a_bits not in A_KINDS:
+        raise Unsupported(f"{a_bits}-bit activations (kernels take 4, 8 or 16)")
+    if w_bits not in (4, 8):
+        raise Unsupported(f"{w_bits}-bit weights (kernels take 4 or 8)")
+    if out_dtype not in FLOAT_DTYPES:
+        raise Unsupported(f"output dtype {out_dtype}")
+    if k <= 0:
+        raise Unsupported("empty reduction dimension")
+    a_kind = A_KINDS[a_bits]
+    if a_kind == "float":
+        a_scale_groups = 1
+    for name, n in (("activation", a_scale_groups), ("weight", w_scale_groups)):
+        if n < 1 or k % n:
+            raise Unsupported(f"{name} scale columns {n} do not divide K={k}")
+    a_group, w_group = k // a_scale_groups, k // w_scale_groups
+    seg, other = min(a_group, w_group), max(a_group, w_group)
+    if other % seg:
+        raise Unsupported(f"activation group {a_group} and weight group {w_group} do not nest")
+    w_packed = w_bits == 4
+    min_bk = configs.min_gemm_block_k(a_kind, w_packed)
+    pref = configs.preferred_block_k(interpret)
+    grouped = seg < k
+    if grouped:
+        block_k = min(pref, _largest_pow2_divisor(seg))
+        if block_k < min_bk:
+            raise Unsupported(
+                f"scale group {seg} allows K tiles of at most {block_k}; "
+                f"this variant needs >= {min_bk} (tl.dot depth)"
+            )
+    else:
+        block_k = max(min_bk, min(pref, _next_pow2(k)))
+    return GemmPlan(a_kind, w_packed, k, a_group, w_group, seg, grouped, block_k)

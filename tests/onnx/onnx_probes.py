@@ -1,0 +1,244 @@
+"""Test helpers: look inside an exported model's activation quantizers and compare them
+with the reference, so exactness claims are measured rather than assumed.
+
+An activation quantizer in the ONNX graph is found by its ``QuantizeLinear`` node, whose
+torch.onnx metadata names the ``clq.quant_linear`` FX node it was translated from (and
+through it the weight buffer, which identifies the layer in ``qm.graph_module``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from clq_compile.lowering.onnx import ort_feeds, ort_session
+from clq_compile.ops import quant_linear_reference
+from clq_compile.quant import quantize_with_scale, symmetric_scale
+
+QUANT_LINEAR = torch.ops.clq.quant_linear.default
+_FX_ARGS = re.compile(r"clq\.quant_linear\.default\]\(args = \(%(\w+), %(\w+),")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def quant_linears(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is QUANT_LINEAR]
+
+
+def act_key(node: fx.Node) -> tuple[Any, ...]:
+    """Layers with the same input and activation spec share one run-time quantizer."""
+    return (node.args[0], *node.args[5:8])
+
+
+@dataclass(frozen=True)
+class ActProbe:
+    """One activation quantizer: ONNX value names of its input, scale and codes."""
+
+    layer: fx.Node  # a quant_linear node of qm.graph_module using this quantizer
+    x: str
+    scale: str
+    codes: str
+    unsigned: bool  # codes are uint8 q + 128 ("ort-cpu"), else dequantized q·s ("qdq")
+
+
+def _layer_by_placeholder(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    out = {}
+    for n in quant_linears(gm):
+        w = n.args[1]
+        out["b_" + str(w.target).replace(".", "_")] = n
+    return out
+
+
+def activation_probes(gm: fx.GraphModule, model: ir.Model) -> list[ActProbe]:
+    layers = _layer_by_placeholder(gm)
+    probes = []
+    for node in model.graph:
+        if node.op_type != "QuantizeLinear":
+            continue
+        m = _FX_ARGS.search(node.metadata_props.get("pkg.torch.onnx.fx_node", ""))
+        if m is None:
+            continue
+        layer = layers[m.group(2)]
+        out = node.outputs[0]
+        unsigned = len(node.inputs) > 2 and node.inputs[2] is not None
+        consumers = [c for c in out.consumers()
+                     if c.op_type == ("Clip" if unsigned else "DequantizeLinear")]
+        codes = consumers[0].outputs[0] if consumers else out
+        probes.append(ActProbe(layer, node.inputs[0].name, node.inputs[1].name, codes.name,
+                               unsigned))
+    return probes
+
+
+def probed_session(path: Path, probes: list[ActProbe]) -> Any:
+    """An ORT session on a copy of the model that also outputs every probed value."""
+    model = ir.load(path)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    for p in probes:
+        for name in (p.x, p.scale, p.codes):
+            v = values[name]
+            if v not in model.graph.outputs:
+                model.graph.outputs.append(v)
+    probed = path.with_name(path.stem + "_probed.onnx")
+    ir.save(model, probed)
+    return ort_session(probed)
+
+
+def _expand(scale: torch.Tensor, k: int) -> torch.Tensor:
+    return scale.repeat_interleave(k // scale.shape[-1], dim=-1)
+
+
+def ort_codes(p: ActProbe, got: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer codes, dequantized activation) ORT computed for probe ``p``."""
+    x = torch.from_numpy(got[p.x])
+    s = _expand(torch.from_numpy(got[p.scale]).float(), x.shape[-1])
+    c = torch.from_numpy(got[p.codes])
+    codes = c.long() - 128 if p.unsigned else torch.round(c / s).long()
+    return codes, codes.float() * s
+
+
+def hooked(gm: fx.GraphModule, hook: Callable[..., torch.Tensor]) -> fx.GraphModule:
+    """A view of ``gm`` (same buffers, same call signature) whose quant_linear calls go to
+    ``hook(original_node, *args)``."""
+    graph = copy.deepcopy(gm.graph)
+    originals = {n.name: n for n in gm.graph.nodes}
+    for n in graph.nodes:
+        if n.target is QUANT_LINEAR:
+            n.target = _bind(hook, originals[n.name])
+    return fx.GraphModule(gm, graph)
+
+
+def _bind(hook: Callable[..., torch.Tensor], node: fx.Node) -> Callable[..., torch.Tensor]:
+    def call(*args: Any) -> torch.Tensor:
+        return hook(node, *args)
+
+    call.__name__ = f"probe_{node.name}"
+    return call
+
+
+@dataclass
+class FlipReport:
+    """How ORT's activation codes differ from the reference's.
+
+    "Local" compares each quantizer with the reference quantizer fed the input the
+    teacher-forced reference computed for that layer (i.e. given the same upstream codes
+    as ORT): only float32 rounding separates the two inputs, so a local flip must sit on
+    a rounding tie. "Cascade" compares with the plain reference run: once one tie has
+    flipped, downstream inputs differ by a quantization step's consequences, and later
+    layers then disagree far from ties; that is the network's sensitivity, not a
+    lowering error, and is only reported.
+    """
+
+    total: int  # quantized activation values compared
+    flipped: int  # local flips
+    max_code_step: int  # largest local |code difference| (a tie flip is 1)
+    max_tie_distance: float  # local flips' distance from a rounding tie, in code units
+    cascade_flipped: int  # codes differing from the plain (unforced) reference run
+
+    @property
+    def fraction(self) -> float:
+        return self.flipped / max(self.total, 1)
+
+
+def _codes_and_ties(x: torch.Tensor, bits: int, group: int, clip: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference codes of x, and each value's distance from a rounding tie."""
+    s = symmetric_scale(x, bits, group, clip)
+    r = x / _expand(s, x.shape[-1])
+    return quantize_with_scale(x, s, bits, group).long(), ((r - r.floor()) - 0.5).abs()
+
+
+def _first_inputs(qm: Any, args: tuple, kwargs: dict,
+                  forced: dict[tuple, torch.Tensor] | None) -> tuple[dict, Any]:
+    """Run the reference (teacher-forced with ORT's dequantized activations when
+    ``forced`` is given); return each activation quantizer's input and the outputs."""
+    seen: dict[tuple, torch.Tensor] = {}
+
+    def hook(node: fx.Node, x: torch.Tensor, w_q, w_scale, bias, w_bits, a_bits, a_group,
+             a_clip) -> torch.Tensor:
+        if a_bits >= 16:
+            return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+        seen.setdefault(act_key(node), x.detach().float())
+        if forced is None:
+            return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+        xq = forced[act_key(node)].to(x.dtype)
+        return quant_linear_reference(xq, w_q, w_scale, bias, w_bits, 16, 0, 1.0)
+
+    with torch.no_grad():
+        out = hooked(qm.graph_module, hook)(*args, **kwargs)
+    return seen, out
+
+
+def compare_activations(
+    qm: Any, session: Any, probes: list[ActProbe], args: tuple, kwargs: dict
+) -> tuple[list[np.ndarray], FlipReport, torch.Tensor]:
+    """Run ORT (probed) and the reference; return ORT's outputs, the flip report, and
+    the reference's first output evaluated on ORT's own activation codes ("teacher
+    forced"): with the forced codes the reference and ORT follow the same trajectory, so
+    their difference is float32 rounding alone, even where a tie flipped a code.
+    """
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, ort_feeds(session, args, kwargs)), strict=True))
+    probe_names = {n for p in probes for n in (p.x, p.scale, p.codes)}
+    outputs = [got[n] for n in names if n not in probe_names]
+    ort = {act_key(p.layer): ort_codes(p, got) for p in probes}
+    plain, _ = _first_inputs(qm, args, kwargs, None)
+    local, forced_out = _first_inputs(qm, args, kwargs, {k: v[1] for k, v in ort.items()})
+    total = flipped = step = cascade = 0
+    tie = 0.0
+    for key, (codes, _) in ort.items():
+        _, bits, group, clip = key
+        ref_codes, dist = _codes_and_ties(local[key], bits, group, clip)
+        diff = (codes - ref_codes).abs()
+        total += diff.numel()
+        flipped += int((diff > 0).sum())
+        step = max(step, int(diff.max()))
+        if diff.any():
+            tie = max(tie, float(dist[diff > 0].max()))
+        cascade += int((codes != _codes_and_ties(plain[key], bits, group, clip)[0]).sum())
+    report = FlipReport(total, flipped, step, tie, cascade)
+    return outputs, report, pytree.tree_leaves(forced_out)[0]
+
+
+FP32_TOL = 1e-5  # justified in test_onnx_models' docstring
+MAX_FLIP_FRACTION = 1e-3
+TIE_DISTANCE = 1e-3
+RUN_BATCH = 3  # cases are exported at batch 2: this exercises the dynamic batch dim
+
+
+def assert_exact(case: Any, batch: int = RUN_BATCH, seed: int = 7) -> dict[str, float]:
+    """ORT output of ``case`` vs its QuantizedModel: local flips are rare tie flips, and
+    the teacher-forced reference matches to float32 rounding. Returns the measurements."""
+    kwargs = case.inputs(seed, b=batch)
+    probes = activation_probes(case.qm.graph_module, ir.load(case.path))
+    session = probed_session(case.path, probes)
+    outputs, flips, forced = compare_activations(case.qm, session, probes, (), kwargs)
+    got = torch.from_numpy(outputs[0])
+    with torch.no_grad():
+        ref = pytree.tree_leaves(case.qm(**kwargs))[0]
+        fp = pytree.tree_leaves(case.model(**kwargs))[0]
+    assert got.shape == ref.shape
+    assert rel_err(ref, fp) > 100 * FP32_TOL, "quantization invisible: the test has no teeth"
+    assert rel_err(got, forced) <= FP32_TOL
+    assert flips.fraction <= MAX_FLIP_FRACTION
+    assert flips.max_code_step <= 1
+    assert flips.max_tie_distance <= TIE_DISTANCE
+    if not flips.flipped and not flips.cascade_flipped:
+        assert rel_err(got, ref) <= FP32_TOL
+    return dict(forced=rel_err(got, forced), unforced=rel_err(got, ref), flips=flips.flipped,
+                flip_fraction=flips.fraction, tie_distance=flips.max_tie_distance,
+                cascade_flips=flips.cascade_flipped, quant_err=rel_err(ref, fp))

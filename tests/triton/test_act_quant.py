@@ -1,0 +1,180 @@
+"""Fused transform + activation-quantize kernel vs ``clq_compile.quant`` / ``ops``.
+
+Bit-exact where the math is exact: scales are max(clip*absmax, EPS)/qmax with the same
+fp32 multiply and IEEE division, integers are round-half-even of the same fp32 quotient,
+and perm / smooth are one fp32 multiply per element. A rotation is a B-term fp32 dot
+whose summation order differs between tl.dot and torch, so it is compared exactly only on
+inputs where every partial sum is representable (integers x Hadamard of size 4^j, whose
+entries are powers of two), and otherwise within the derived bound below.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clq_compile.hadamard import hadamard
+from clq_compile.lowering.triton.act_quant import rotate_quantize, transform
+from clq_compile.lowering.triton.reference import rotate_quantize_reference
+from clq_compile.ops import transform_reference
+from tests.triton.helpers import (
+    U32,
+    assert_equal,
+    assert_within,
+    integer_activation,
+    random_activation,
+    ulp_bound,
+)
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_quant(x, perm, smooth, rot, bits, group, clip, device, round_in=True) -> None:
+    q, s = rotate_quantize(x.to(device), _dev(perm, device), _dev(smooth, device),
+                           _dev(rot, device), bits, group, clip, round_in)
+    q_ref, s_ref = rotate_quantize_reference(x, perm, smooth, rot, bits, group, clip, round_in)
+    assert_equal(s, s_ref, "scales")
+    assert_equal(q, q_ref, "quantized values")
+
+
+def _dev(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+# (M, K, dtype, bits, group, clip): ragged M (1, 17, 33, 48), K not a multiple of the
+# K tile (96, 160: tiles of 64), per token and per group, both bit widths, clip < 1.
+_PLAIN_CASES = [
+    (1, 64, "fp32", 4, 0, 1.0),
+    (17, 96, "bf16", 4, 0, 1.0),
+    (33, 160, "fp16", 4, 0, 0.85),
+    (48, 256, "bf16", 8, 0, 1.0),
+    (17, 96, "fp32", 8, 0, 0.7),
+    (17, 128, "bf16", 4, 16, 1.0),
+    (33, 192, "fp32", 4, 64, 0.9),
+    (48, 128, "fp16", 8, 32, 1.0),
+    (5, 256, "bf16", 4, 128, 1.0),
+    (9, 96, "bf16", 4, 96, 1.0),  # one group spanning K (not a power of two) = per token
+]
+
+
+@pytest.mark.parametrize(("m", "k", "dt", "bits", "group", "clip"), _PLAIN_CASES)
+def test_quantize_bit_exact(m, k, dt, bits, group, clip, device) -> None:
+    """No transform: integers (packed for 4 bits) and scales equal clq_compile.quant."""
+    x = random_activation(m, k, _DT[dt], seed=m * k + bits)
+    _check_quant(x, None, None, None, bits, group, clip, device)
+
+
+def test_quantize_edge_values_bit_exact(device) -> None:
+    """An all-zero row (scale EPS/qmax), exact .5 ties (half-to-even), values that the clip
+    pushes past qmax (clamped), and a 3-D input (leading dims flattened)."""
+    x = random_activation(2 * 9, 64, torch.float32, seed=3).reshape(2, 9, 64)
+    x[0, 0] = 0.0
+    x[0, 1, :8] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5])  # scale 1 -> ties
+    x[0, 1, 8:] = 0.25
+    for bits, group, clip in ((4, 0, 1.0), (4, 0, 0.5), (8, 0, 1.0), (4, 16, 1.0)):
+        _check_quant(x, None, None, None, bits, group, clip, device)
+    q, _ = rotate_quantize(x.to(device), None, None, None, 4, 0, 1.0)
+    assert q.shape == (18, 32)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize(("bits", "group"), [(4, 0), (4, 32), (8, 0)])
+def test_perm_smooth_bit_exact(dt, bits, group, device) -> None:
+    """Channel gather and per-channel scaling are single fp32 operations per element."""
+    m, k = 20, 128
+    x = random_activation(m, k, _DT[dt], seed=7)
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(k, generator=g)
+    smooth = torch.rand(k, generator=g) + 0.25
+    _check_quant(x, perm, smooth, None, bits, group, 1.0, device)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(("b", "k", "group"), [(16, 96, 0), (64, 128, 0), (64, 192, 64),
+                                               (16, 64, 32)])
+def test_rotation_bit_exact_on_exact_inputs(dt, b, k, group, device) -> None:
+    """Integer activations, power-of-two smooth and Hadamard blocks of 16 and 64 (entries
+    ±1/4, ±1/8): every sum is exact, so the fused kernel must match bit for bit,
+    including the rounding of the transformed values to the input dtype."""
+    m = 19
+    x = integer_activation(m, k, _DT[dt], seed=b + k)
+    g = torch.Generator().manual_seed(2)
+    perm = torch.randperm(k, generator=g)
+    smooth = 2.0 ** torch.randint(-2, 3, (k,), generator=g).float()
+    rot = hadamard(b)
+    for bits in (4, 8):
+        _check_quant(x, perm, smooth, rot, bits, group, 1.0, device)
+    _check_quant(x, perm, smooth, rot, 4, group, 1.0, device, round_in=False)
+    y = transform(x.to(device), perm.to(device), smooth.to(device), rot.to(device))
+    assert_equal(y, transform_reference(x, perm, smooth, rot), "transform")
+
+
+def _rotation_error_bound(x, perm, smooth, rot, dtype) -> torch.Tensor:
+    """|kernel - reference| for transformed values: two B-term fp32 dots (2·gamma_B on
+    sum|x_j h_j|) plus one ulp of the dtype both round to."""
+    xs = x.double()[:, perm] * smooth.double()
+    b = rot.shape[0]
+    blocks = xs.abs().reshape(x.shape[0], -1, b) @ rot.double().abs()
+    fp32 = 2 * (b + 2) * U32 * blocks.reshape(x.shape)
+    ref = transform_reference(x.float(), perm, smooth, rot).double()
+    return fp32 + (ulp_bound(dtype, ref.abs() + fp32) if dtype != torch.float32 else 0)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+@pytest.mark.parametrize(("b", "group"), [(32, 0), (128, 0), (32, 32)])
+def test_rotation_general_inputs(dt, b, group, device) -> None:
+    """Random inputs and B = 32, 128 (entries ±1/sqrt(B), not dyadic).
+
+    Transformed values: within the bound above. Scales: the row/group absmax moves by at
+    most that bound, so scale differs by at most clip·bound/qmax plus its own two
+    roundings. Integers: may differ by one, and only where the reference quotient lies
+    within the propagated error of a rounding tie or of the clamp edge.
+    """
+    m, k, bits, qmax = 24, 256, 4, 7
+    dtype = _DT[dt]
+    x = random_activation(m, k, dtype, seed=b)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(k, generator=g)
+    smooth = torch.rand(k, generator=g) + 0.5
+    rot = hadamard(b)
+    err = _rotation_error_bound(x, perm, smooth, rot, dtype)
+
+    y = transform(x.to(device), perm.to(device), smooth.to(device), rot.to(device))
+    y_ref = transform_reference(x, perm, smooth, rot)
+    assert_within(y, y_ref, err, "transformed values")
+
+    q, s = rotate_quantize(x.to(device), perm.to(device), smooth.to(device), rot.to(device),
+                           bits, group)
+    q_ref, s_ref = rotate_quantize_reference(x, perm, smooth, rot, bits, group)
+    gsz = group or k
+    err_g = err.reshape(m, -1, gsz).amax(-1)
+    s_bound = err_g / qmax + 4 * U32 * s_ref.double()
+    assert_within(s, s_ref, s_bound, "scales")
+
+    from clq_compile.quant import unpack_int4
+
+    qi, qi_ref = unpack_int4(q.cpu()).int(), unpack_int4(q_ref).int()
+    diff = (qi - qi_ref).abs()
+    assert diff.max() <= 1
+    v = y_ref.double().reshape(m, -1, gsz) / s_ref.double()[:, :, None]
+    dv = (err.reshape(m, -1, gsz) / s_ref.double()[:, :, None]
+          + v.abs() * (s_bound / s_ref.double())[:, :, None] + 8 * U32 * v.abs())
+    near_tie = (v - v.floor() - 0.5).abs() <= dv
+    near_clamp = (v.abs() - (qmax + 0.5)).abs() <= dv
+    explained = (near_tie | near_clamp).reshape(m, k)
+    assert not (diff.bool() & ~explained).any(), "integer mismatch away from a rounding edge"
+
+
+@pytest.mark.parametrize("dt", ["fp32", "bf16", "fp16"])
+def test_transform_only_matches_op_reference(dt, device) -> None:
+    """clq::transform semantics (fp32 math, output in x's dtype) on any subset of
+    perm / smooth / rot, exact inputs so the comparison is bit for bit."""
+    m, k = 10, 64
+    x = integer_activation(m, k, _DT[dt], seed=11)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(4))
+    smooth = torch.full((k,), 0.5)
+    rot = hadamard(16)
+    for args in ((perm, None, None), (None, smooth, None), (None, None, rot),
+                 (perm, smooth, rot), (None, None, None)):
+        y = transform(x.to(device), *(_dev(a, device) for a in args))
+        assert_equal(y, transform_reference(x, *args), f"transform {[a is not None for a in args]}")

@@ -1,0 +1,127 @@
+"""Op dispatch: registration, the Triton path of clq::quant_linear / clq::transform run on
+CPU tensors under the interpreter, and logged reference fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import clq_compile  # noqa: F401 - defines torch.ops.clq
+from clq_compile.hadamard import hadamard
+from clq_compile.lowering.triton import configs, dispatch
+from clq_compile.ops import quant_linear_reference, transform_reference, unpack_weight
+from clq_compile.quant import dequantize, fake_quantize, quantize_weight
+from tests.triton.helpers import (
+    assert_equal,
+    assert_within,
+    integer_activation,
+    matmul_bound,
+    random_activation,
+)
+
+_LOGGER = "clq_compile.lowering.triton.dispatch"
+
+
+def test_register_is_idempotent_and_adds_cuda_kernels() -> None:
+    assert dispatch.register() is True
+    assert dispatch.register() is True
+    for op in ("clq::quant_linear", "clq::transform"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+
+
+def test_register_without_triton_is_a_logged_noop(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(dispatch, "_registered", False)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: (False, "triton is not installed"))
+    with caplog.at_level(logging.INFO, logger=_LOGGER):
+        assert dispatch.register() is False
+    assert "triton is not installed" in caplog.text
+    assert not dispatch.is_registered()
+
+
+def test_cpu_op_keeps_the_reference() -> None:
+    """Registering CUDA kernels must not change what the op computes on CPU."""
+    dispatch.register()
+    x = random_activation(6, 64, torch.float32, seed=0)
+    w_q, w_s = quantize_weight(torch.randn(8, 64), 4)
+    y = torch.ops.clq.quant_linear(x, w_q, w_s, None, 4, 4, 0, 1.0)
+    assert_equal(y, quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0), "CPU op")
+
+
+# (w_bits, a_bits, a_group, w_group, dtype, leading shape): the bits pairs of DESIGN §1
+# plus grouping and a 3-D (batch, tokens, K) input.
+_CASES = [
+    (4, 4, 0, 0, torch.bfloat16, (2, 9)),
+    (4, 4, 64, 128, torch.float16, (17,)),
+    (4, 8, 0, 0, torch.float32, (2, 5)),
+    (8, 8, 0, 64, torch.bfloat16, (13,)),
+    (4, 16, 0, 128, torch.bfloat16, (3,)),
+]
+
+
+@pytest.mark.parametrize(("w_bits", "a_bits", "a_group", "w_group", "dtype", "lead"), _CASES)
+def test_quant_linear_triton_matches_op_reference(
+    w_bits, a_bits, a_group, w_group, dtype, lead, device, caplog
+) -> None:
+    """The registered function end to end, within the summation bound of the reference
+    (see helpers.matmul_bound), with no fallback taken."""
+    k, n = 256, 48
+    x = random_activation(int(torch.tensor(lead).prod()), k, dtype, seed=k).reshape(*lead, k)
+    w_q, w_s = quantize_weight(torch.randn(n, k), w_bits, w_group)
+    bias = torch.randn(n).to(dtype)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device),
+                                         bias.to(device), w_bits, a_bits, a_group, 0.9)
+    assert "reference" not in caplog.text
+    y_ref = quant_linear_reference(x, w_q, w_s, bias, w_bits, a_bits, a_group, 0.9)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    x2 = x.reshape(-1, k).float()
+    x_deq = fake_quantize(x2, a_bits, a_group, 0.9) if a_bits < 16 else x2
+    w_deq = dequantize(unpack_weight(w_q, w_bits), w_s, w_group)
+    n_seg = k // min(a_group or k, w_group or k)
+    bound = matmul_bound(x_deq.abs(), w_deq.abs(), bias, y_ref.reshape(-1, n), dtype, n_seg)
+    assert_within(y.reshape(-1, n), y_ref.reshape(-1, n), bound, "quant_linear_triton")
+
+
+def test_quant_linear_fallback_is_exact_and_logged_once(device, caplog) -> None:
+    """Activation group 48 cannot be tiled: the reference runs, the reason is logged once
+    per shape however many times the op is called."""
+    k, n = 96, 16
+    x = random_activation(4, k, torch.float32, seed=1)
+    w_q, w_s = quantize_weight(torch.randn(n, k), 4)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        for _ in range(3):
+            y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                             4, 4, 48, 1.0)
+    expected = quant_linear_reference(x.to(device), w_q.to(device), w_s.to(device), None,
+                                      4, 4, 48, 1.0)
+    assert_equal(y, expected.cpu(), "fallback")
+    records = [r for r in caplog.records if "group 48" in r.getMessage()]
+    assert len(records) == 1, caplog.text
+
+
+def test_transform_triton_and_fallback(device, caplog) -> None:
+    """Exact inputs through the kernel; a rotation block of 8 (below the tl.dot minimum)
+    falls back to the reference with the reason logged."""
+    x = integer_activation(7, 64, torch.bfloat16, seed=2)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    rot = hadamard(16)
+    y = dispatch.transform_triton(x.to(device), perm.to(device), None, rot.to(device))
+    assert_equal(y, transform_reference(x, perm, None, rot), "transform")
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y8 = dispatch.transform_triton(x.to(device), None, None, hadamard(8).to(device))
+    expected = transform_reference(x.to(device), None, None, hadamard(8).to(device))
+    assert_equal(y8, expected.cpu(), "transform fallback")
+    assert "rotation block 8" in caplog.text
+
+
+def test_cpu_without_interpreter_falls_back(monkeypatch, caplog) -> None:
+    """Plain CPU tensors without TRITON_INTERPRET cannot run Triton: reference + reason."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    x = random_activation(3, 64, torch.float32, seed=3)
+    w_q, w_s = quantize_weight(torch.randn(8, 64), 4)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x, w_q, w_s, None, 4, 4, 0, 1.0)
+    assert_equal(y, quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0), "fallback")
+    assert "TRITON_INTERPRET" in caplog.text
