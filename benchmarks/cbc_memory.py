@@ -49,10 +49,14 @@ def pixart_alpha(tokens_side: int, batch: int, calls: int):
 
 
 def shapes(calls: int):
-    from clq_compile.eval import load_shapes_dit, record_calibration
+    """The trained benchmark DiT on the quality harness's calibration prompts, ``calls``
+    transformer calls spread over a 20-step trajectory (each 2 x 8 rows: cond + uncond)."""
+    from clq_compile.eval import load_shapes_dit, prompts, record_calibration
 
     model, encoder = load_shapes_dit()
-    return model, record_calibration(model, encoder, n_calls=calls)
+    captions, seeds, _ = prompts(8, seed=1)
+    at_steps = sorted({int(s) for s in torch.linspace(0, 19, calls).round().tolist()})
+    return model, record_calibration(model, encoder, captions, seeds, at_steps=at_steps, steps=20)
 
 
 def all_linear_inputs_bytes(model: torch.nn.Module, calib: list[dict]) -> int:

@@ -28,14 +28,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "rtn": ("rtn", {}),
     "smoothquant": ("smoothquant", {}),
     "quarot": ("quarot", {}),
-    "clq": ("clq", {}),
+    "clq": ("clq", {}),  # order "auto": zigzag with per-token activations
     "clq -clps": ("clq", {"clps": False}),
     "clq -cbc": ("clq", {"cbc": "none"}),
     "clq cbc=last": ("clq", {"cbc": "last"}),
     "clq -obs": ("clq", {"obs": False}),
     "clq order=none": ("clq", {"order": "none"}),
     "clq order=sorted": ("clq", {"order": "sorted"}),
-    "clq order=zigzag": ("clq", {"order": "zigzag"}),
     "clq a_group=64": ("clq", {"a_group": 64}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]

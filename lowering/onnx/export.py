@@ -31,11 +31,11 @@ from . import ort_cpu, qdq, torchlib_fixes
 from .errors import OnnxExportError
 from .session import INPUT_PATHS_KEY
 from .transform import transform
-from .weights import WeightTable
+from .weights import WeightTable, quant_linear_translation
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"qdq": qdq.make_quant_linear, "ort-cpu": ort_cpu.make_quant_linear}
+TARGETS = {"qdq": qdq.qdq_linear, "ort-cpu": ort_cpu.ort_cpu_linear}
 MIN_OPSET = 21  # INT4 and blocked QuantizeLinear/DequantizeLinear
 IR_VERSION = 10  # the IR version that introduced INT4
 _EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom
@@ -65,7 +65,7 @@ def export_onnx(
     weights = WeightTable.from_exported_program(ep)
     table = {
         **torchlib_fixes.TRANSLATIONS,
-        torch.ops.clq.quant_linear.default: TARGETS[target](weights),
+        torch.ops.clq.quant_linear.default: quant_linear_translation(weights, TARGETS[target]),
         torch.ops.clq.transform.default: transform,
     }
     try:

@@ -25,7 +25,6 @@ is exact on VNNI/AMX x86 (checked here) and ARM, and may saturate on AVX2-only x
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -35,7 +34,7 @@ from onnxscript import opset21 as op
 
 from .activation import U8_ZERO, cast_like, const, quantize_u8, rank_of, to_float
 from .qdq import qdq_linear
-from .weights import PackedWeight, WeightTable, nbits_block, nbits_tensors
+from .weights import PackedWeight, nbits_block, nbits_tensors
 
 MS_DOMAIN = "com.microsoft"
 
@@ -146,23 +145,12 @@ def form_of(w_bits: int, a_bits: int, k: int, group: int) -> str:
     return "qdq"
 
 
-def make_quant_linear(weights: WeightTable) -> Callable[..., ir.Value]:
-    def quant_linear(
-        x: ir.Value,
-        w_q: ir.Value,
-        w_scale: ir.Value,
-        bias: ir.Value | None,
-        w_bits: int,
-        a_bits: int,
-        a_group: int,
-        a_clip: float,
-    ) -> ir.Value:
-        w = weights.weight(w_q, w_scale, w_bits)
-        form = form_of(w_bits, a_bits, w.k, w.group)
-        if form == "int":
-            return integer_linear(x, w, bias, a_bits, a_group, a_clip)
-        if form == "nbits":
-            return nbits_linear(x, w, bias, nbits_block(w.k, w.group))
-        return qdq_linear(x, w, bias, a_bits, a_group, a_clip)
-
-    return quant_linear
+def ort_cpu_linear(
+    x: ir.Value, w: PackedWeight, bias: ir.Value | None, a_bits: int, a_group: int, a_clip: float
+) -> ir.Value:
+    form = form_of(w.bits, a_bits, w.k, w.group)
+    if form == "int":
+        return integer_linear(x, w, bias, a_bits, a_group, a_clip)
+    if form == "nbits":
+        return nbits_linear(x, w, bias, nbits_block(w.k, w.group))
+    return qdq_linear(x, w, bias, a_bits, a_group, a_clip)

@@ -9,13 +9,11 @@ MatMul's summation order differs from torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import onnx_ir as ir
 from onnxscript import opset21 as op
 
 from .activation import cast_like, fake_quantize, rank_of, to_float
-from .weights import PackedWeight, WeightTable
+from .weights import PackedWeight
 
 
 def dequantized_weight(w: PackedWeight) -> ir.Value:
@@ -39,20 +37,3 @@ def qdq_linear(
     if bias is not None:
         y = op.Add(y, to_float(bias))
     return cast_like(y, x)
-
-
-def make_quant_linear(weights: WeightTable) -> Callable[..., ir.Value]:
-    def quant_linear(
-        x: ir.Value,
-        w_q: ir.Value,
-        w_scale: ir.Value,
-        bias: ir.Value | None,
-        w_bits: int,
-        a_bits: int,
-        a_group: int,
-        a_clip: float,
-    ) -> ir.Value:
-        w = weights.weight(w_q, w_scale, w_bits)
-        return qdq_linear(x, w, bias, a_bits, a_group, a_clip)
-
-    return quant_linear

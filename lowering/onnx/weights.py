@@ -9,6 +9,7 @@ tensors (ONNX packs INT4 two per byte, first element in the low nibble, exactly 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -126,3 +127,26 @@ def nbits_tensors(w: PackedWeight, block: int) -> tuple[ir.Tensor, ir.Tensor]:
         ir.Tensor(np.ascontiguousarray(b), name=f"{w.name}_nbits"),
         w.scale_tensor(per_block.reshape(-1), "nbits_scale"),
     )
+
+
+# One target's lowering of one layer: (x, weight, bias, a_bits, a_group, a_clip) -> y.
+LowerLinear = Callable[[ir.Value, PackedWeight, "ir.Value | None", int, int, float], ir.Value]
+
+
+def quant_linear_translation(weights: WeightTable, lower: LowerLinear) -> Callable[..., ir.Value]:
+    """The torch.onnx translation of ``clq.quant_linear`` (the op's own signature, which
+    torch.onnx reads): look up the packed weight, then hand the layer to ``lower``."""
+
+    def quant_linear(
+        x: ir.Value,
+        w_q: ir.Value,
+        w_scale: ir.Value,
+        bias: ir.Value | None,
+        w_bits: int,
+        a_bits: int,
+        a_group: int,
+        a_clip: float,
+    ) -> ir.Value:
+        return lower(x, weights.weight(w_q, w_scale, w_bits), bias, a_bits, a_group, a_clip)
+
+    return quant_linear
