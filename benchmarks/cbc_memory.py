@@ -61,16 +61,18 @@ def shapes(calls: int):
 
 def all_linear_inputs_bytes(model: torch.nn.Module, calib: list[dict]) -> int:
     """What holding every linear's input for the whole calibration set costs."""
-    seen: dict[int, int] = {}
-    hooks = [m.register_forward_pre_hook(
-        lambda _m, a: seen.__setitem__(id(a[0]), a[0].numel() * a[0].element_size()))
-        for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # Keyed by id() with the tensor kept alive for the whole call, so a freed input's id
+    # cannot be reused by another; linears reading one tensor (q/k/v) count it once.
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, a: seen.__setitem__(id(a[0]), a[0]))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
     total = 0
     with torch.no_grad():
         for c in calib:
             seen.clear()
             model(**c)
-            total += sum(seen.values())
+            total += sum(t.numel() * t.element_size() for t in seen.values())
+    seen.clear()
     for h in hooks:
         h.remove()
     return total
