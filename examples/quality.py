@@ -101,7 +101,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report.table())
     for r in report.results:
-        print(f"{r.method:>18} {r.bits:>6}: per-attribute {r.attribute_accuracy} "
+        agree = "" if r.fp_agreement is None else f"FP agreement {100 * r.fp_agreement:.1f}% "
+        print(f"{r.method:>18} {r.bits:>6}: per-attribute {r.attribute_accuracy} {agree}"
               f"build {r.build_s:.1f}s sample {r.sample_s:.1f}s")
     print(f"wrote {args.out}/results.json, table.md, grid.png")
 

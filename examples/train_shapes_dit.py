@@ -2,7 +2,9 @@
 quantization against, and write it to assets/shapes_dit/.
 
 Objective: the standard diffusers DDPMScheduler MSE on the schedule's prediction target
-(v-prediction, see shapes_model.NOISE_SCHEDULE; min-SNR-5 weighted),
+(v-prediction, see shapes_model.NOISE_SCHEDULE; min-SNR-5 weighted by default; with
+``--snr-gamma 0`` every timestep weighs the same in v, which stresses the low-noise steps
+that draw edges and corners, and the high-noise steps that fix the layout),
 AdamW, an EMA of the weights (the EMA is what gets saved), 10% caption dropout to the null
 caption for classifier-free guidance. Data is generated on the fly from a fixed seed per
 step, so a run is reproducible for a given device and thread count.
@@ -55,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DIT_DIR)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also write the EMA checkpoint every N steps (0 = only at the end)")
     p.add_argument("--init", type=Path, default=None,
                    help="continue from this checkpoint (its saved EMA weights and config)")
     return p.parse_args()
@@ -142,31 +146,41 @@ def main() -> None:
         if step % 250 == 0:
             print(f"step {step} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                   f"t={time.time() - start:.0f}s", flush=True)
-    wall = time.time() - start
-    final = sum(losses[-100:]) / len(losses[-100:])
-    training = {
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_shapes_dit(args.out, ema_t.float(), ema_e.float(),
+                            record(args, step + 1, start, losses, n_params, resumed_from))
+    training = record(args, args.steps, start, losses, n_params, resumed_from)
+    save_shapes_dit(args.out, ema_t.float(), ema_e.float(), training)
+    print(f"saved {args.out} after {args.steps} steps, {training['wall_time_s'] / 60:.1f} min, "
+          f"loss {training['final_loss']:.4f}")
+
+
+def record(args: argparse.Namespace, steps: int, start: float, losses: list[float],
+           n_params: int, resumed_from: dict | None) -> dict:
+    """The ``training`` entry of config.json: enough to reproduce and to cite the run."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "steps": args.steps,
+        "steps": steps,
         "batch": args.batch,
         "lr": args.lr,
         "warmup": args.warmup,
         "ema_decay": args.ema,
         "caption_dropout": args.caption_dropout,
         "snr_gamma": args.snr_gamma,
-        "objective": f"{NOISE_SCHEDULE['prediction_type']} MSE (DDPMScheduler), min-SNR weighted",
+        "objective": f"{NOISE_SCHEDULE['prediction_type']} MSE (DDPMScheduler)"
+                     + (f", min-SNR-{args.snr_gamma:g} weighted" if args.snr_gamma > 0 else ""),
         "bf16_autocast": args.bf16,
         "seed": args.seed,
-        "wall_time_s": round(wall, 1),
-        "final_loss": round(final, 5),
+        "wall_time_s": round(time.time() - start, 1),
+        "final_loss": round(sum(losses[-100:]) / len(losses[-100:]), 5),
         "torch": torch.__version__,
         "transformer_params": n_params,
         "saved_weights": "ema",
         "resumed_from": resumed_from,
     }
-    save_shapes_dit(args.out, ema_t.float(), ema_e.float(), training)
-    print(f"saved {args.out} after {args.steps} steps, {wall / 60:.1f} min, loss {final:.4f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ the full-precision (FP) model, and we report
   per the judge (task-level quality, what a user sees);
 - PSNR (dB) of each sample against the FP sample of the same seed (how far the trajectory
   drifted);
+- FP agreement: fraction of samples the judge reads exactly as it reads the FP sample of
+  the same seed. While FP itself misses the caption on some samples, ShapeEval cannot
+  tell a method that keeps FP's drawings from one that swaps which samples are wrong;
+  agreement can;
 - SQNR (dB) of the transformer output against FP on transformer inputs recorded during FP
   sampling (the raw numerical error, independent of the sampler).
 
@@ -111,6 +115,7 @@ class MethodResult:
     shapeeval: float
     attribute_accuracy: dict[str, float]
     psnr_db: float | None
+    fp_agreement: float | None
     sqnr_db: float | None
     sqnr_calib_db: float | None
     build_s: float
@@ -186,7 +191,8 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
     t0 = time.time()
     fp_images = sample(transformer, encoder, captions, seeds, recorder=recorder, **common)
     fp_s = time.time() - t0
-    results = [MethodResult(FP_KEY[0], FP_KEY[1], *_judge(judge, fp_images, labels), None,
+    fp_read = judge.predict(fp_images)
+    results = [MethodResult(FP_KEY[0], FP_KEY[1], *_score(fp_read, labels), None, None,
                             None, None, 0.0, fp_s)]
     images = {FP_KEY[0]: fp_images}
     for (name, bits), factory in (methods or {}).items():
@@ -197,9 +203,10 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
         t0 = time.time()
         imgs = sample(model, encoder, captions, seeds, **common)
         sample_s = time.time() - t0
-        joint, per_attr = _judge(judge, imgs, labels)
+        read = judge.predict(imgs)
         results.append(MethodResult(
-            name, bits, joint, per_attr, psnr_db(fp_images, imgs),
+            name, bits, *_score(read, labels), psnr_db(fp_images, imgs),
+            (read == fp_read).all(dim=1).float().mean().item(),
             _finite(output_sqnr(transformer, model, held_out)),
             _finite(output_sqnr(transformer, model, calib)), build_s, sample_s))
         images[f"{name} {bits}"] = imgs
@@ -213,9 +220,8 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
     return report
 
 
-def _judge(judge: ShapeJudge, images: torch.Tensor,
-           labels: torch.Tensor) -> tuple[float, dict[str, float]]:
-    acc = accuracy(judge.predict(images), labels)
+def _score(read: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, float]]:
+    acc = accuracy(read, labels)
     return acc.pop("joint"), acc
 
 

@@ -1,7 +1,8 @@
 """Smoke test of the quality harness on 2 samples: FP, a bf16 row, and RTN W8A8 through
 clq_compile.quantize. Floors: bf16 and W8A8 keep the transformer output above 20 dB SQNR
 (each is ~35-45 dB on this model; a broken quantizer or wrong calibration wiring gives
-near 0 dB). ShapeEval over 2 samples is too noisy to gate, so only its range is checked."""
+near 0 dB). ShapeEval over 2 samples is too noisy to gate, so only its range is checked.
+The FP model itself, run as a method, must agree with FP on every sample."""
 
 import json
 
@@ -19,6 +20,7 @@ def report(tmp_path_factory):
         ("bf16", "bf16"): lambda calib: CastTransformer(transformer, torch.bfloat16),
         ("rtn", "w8a8"): lambda calib: clq.quantize(transformer, calib, recipe="rtn",
                                                     bits="w8a8"),
+        ("fp again", "fp32"): lambda calib: transformer,
     }
     out = tmp_path_factory.mktemp("quality")
     rep = evaluate(transformer, encoder, load_judge(), methods, n_samples=2, steps=4,
@@ -29,22 +31,25 @@ def report(tmp_path_factory):
 def test_rows_and_metrics(report):
     rep, _ = report
     assert [(r.method, r.bits) for r in rep.results] == [
-        ("fp32", "fp32"), ("bf16", "bf16"), ("rtn", "w8a8")]
-    fp = rep.results[0]
-    assert fp.psnr_db is None and fp.sqnr_db is None
+        ("fp32", "fp32"), ("bf16", "bf16"), ("rtn", "w8a8"), ("fp again", "fp32")]
+    fp, same = rep.results[0], rep.results[-1]
+    assert same.fp_agreement == 1.0 and same.shapeeval == fp.shapeeval
+    assert same.sqnr_db is None and same.psnr_db == 100.0  # identical: SQNR inf, PSNR capped
+    assert fp.psnr_db is None and fp.sqnr_db is None and fp.fp_agreement is None
     for r in rep.results:
         assert 0.0 <= r.shapeeval <= 1.0
-    for r in rep.results[1:]:
+    for r in rep.results[1:-1]:
         assert r.sqnr_db is not None and r.sqnr_db > 20.0, r
         assert r.sqnr_calib_db is not None and r.sqnr_calib_db > 20.0, r
         assert r.psnr_db is not None and r.psnr_db > 15.0, r
+        assert r.fp_agreement is not None and 0.0 <= r.fp_agreement <= 1.0, r
     assert rep.config["calib_calls"] == 2 and rep.config["held_out_calls"] == 2
 
 
 def test_outputs_written(report):
     rep, out = report
     data = json.loads((out / "results.json").read_text())
-    assert len(data["results"]) == 3
+    assert len(data["results"]) == 4
     table = (out / "table.md").read_text()
     assert "rtn" in table and "w8a8 ShapeEval" in table
     from PIL import Image

@@ -14,7 +14,7 @@ from clq_compile.eval import load_shapes_dit, prompts, record_calibration
 from clq_compile.qlinear import sqnr
 
 STEPS = 8
-# Measured on the committed checkpoint: clq 6-7 dB above rtn (README table); asking for 3 dB
+# Measured on the committed checkpoint: clq ~7 dB above rtn (README table); asking for 3 dB
 # leaves room for BLAS summation-order differences across machines.
 MARGIN_DB = 3.0
 
