@@ -2,8 +2,9 @@
 
 Two traps shape this file (see ecosystem.md §1):
 - weights arrive as unguarded runtime inputs, so packed weights are computed at call
-  time through a cache keyed on the weight tensor object and its ``_version``: an
-  in-place update (LoRA fusing) or a new Parameter repacks instead of going stale;
+  time through a cache keyed on the weight tensor and a fingerprint of its content
+  (``clq_compile.weight_cache``): any update (``.data +=`` of a LoRA fuse, a new
+  Parameter, ``load_state_dict``) repacks instead of going stale;
 - regional compilation reuses one graph for N identical blocks, each call passing other
   weights, which the same cache handles. Transforms are orthogonal/invertible and folded
   into whatever weight arrives, so the result stays exact in float for every block.
@@ -17,43 +18,17 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils.weak import WeakIdKeyDictionary
 
-from clq_compile.annotations import annotated_linears, linear_info
-from clq_compile.api import analyze, measure_layers
-from clq_compile.calibration import GraphRunner, validate_calibration
+from clq_compile.build import build_plan, resolve
+from clq_compile.calibration import as_calls
 from clq_compile.errors import CalibrationError
-from clq_compile.passes.rewrite import QUANT_LINEAR, _insert_transform, drop_unused_attributes
-from clq_compile.plan import LayerPlan, TransformPlan
-from clq_compile.qlinear import pack_weight
-from clq_compile.recipes import handler, resolve_recipe
-from clq_compile.recipes.base import PlanContext
-from clq_compile.spec import parse_bits
+from clq_compile.passes.infra import PassManager
+from clq_compile.passes.rewrite import RewriteLinears
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"\['([^']+)'\]")
 _SIZE = re.compile(r"^(.*)\.size\(\)\[(\d+)\]$")
-
-
-class WeightPacker(torch.nn.Module):
-    """Packs whatever weight tensor arrives, once per (tensor object, version)."""
-
-    def __init__(self, layer: LayerPlan, transform: TransformPlan | None) -> None:
-        super().__init__()
-        self.layer, self.transform = layer, transform
-        self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.packs = 0  # how many times a weight was (re)packed; tests read it
-
-    def forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hit = self._cache.get(w)
-        if hit is not None and hit[0] == w._version and hit[1] == w.data_ptr():
-            return hit[2]
-        packed = pack_weight(w, self.layer, self.transform)
-        self.packs += 1
-        out = (packed.w_q.to(w.device), packed.w_scale.to(w.device))
-        self._cache[w] = (w._version, w.data_ptr(), out)
-        return out
 
 
 def _source(node: fx.Node) -> str:
@@ -101,44 +76,6 @@ def _flat_calib(
     return flats
 
 
-def _rewrite(gm: fx.GraphModule, plan) -> None:
-    graph = gm.graph
-    transformed: dict[int, fx.Node] = {}
-    for node in annotated_linears(gm):
-        lp = plan.layers.get(linear_info(node).name)
-        if lp is None or not lp.quantized:
-            continue
-        tp = plan.transform_of(lp)
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if tp is not None:
-            if lp.group not in transformed:
-                transformed[lp.group] = _insert_transform(gm, x, lp.group, tp)
-            x = transformed[lp.group]
-        name = f"clq_pack_{len(transformed)}_{re.sub(r'[^0-9a-zA-Z_]', '_', lp.name)}"
-        gm.add_submodule(name, WeightPacker(lp, tp))
-        with graph.inserting_before(node):
-            packed = graph.call_module(name, (w,))
-            w_q = graph.call_function(_getitem, (packed, 0))
-            w_s = graph.call_function(_getitem, (packed, 1))
-            spec = lp.spec
-            new = graph.call_function(
-                QUANT_LINEAR,
-                (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
-            )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    drop_unused_attributes(gm)
-    graph.lint()
-    gm.recompile()
-
-
-def _getitem(t: tuple, i: int) -> Any:
-    return t[i]
-
-
 def clq_backend(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -152,16 +89,14 @@ def clq_backend(
     recipe = opts.pop("recipe", "rtn")
     bits = opts.pop("bits", "w4a4")
     calib = opts.pop("calib", None)
-    config = resolve_recipe(recipe, **opts)
-    spec = parse_bits(bits).with_groups(config.w_group or None, config.a_group or None)
+    config, spec = resolve(recipe, bits, **opts)
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):
             node.meta["clq_value"] = ex
-    gm = analyze(gm, spec, config)
     flat = None
     if calib is not None:
-        calls = [kw for _, kw in validate_calibration(None, calib)]
+        calls = [kw for _, kw in as_calls(calib)]
         flat = _flat_calib(gm, example_inputs, calls)
     if flat is None:
         if config.needs_calibration:
@@ -170,11 +105,8 @@ def clq_backend(
                 "options={'calib': [forward kwargs, ...]} and compile the whole model"
             )
         flat = [list(example_inputs)]
-    ctx = PlanContext(gm, spec, flat, GraphRunner(gm))
-    plan = handler(config)(ctx, config)
-    if calib is not None:
-        measure_layers(ctx, plan)
-    _rewrite(gm, plan)
+    plan = build_plan(gm, spec, config, flat, measure=calib is not None)
+    gm = PassManager([RewriteLinears(plan, weights="runtime")])(gm).gm
     gm.meta["clq_plan"] = plan
     log.info("clq backend: %d/%d linears quantized (%s %s)", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)

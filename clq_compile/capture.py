@@ -1,78 +1,195 @@
-"""Capture: torch.export (non-strict) with a dynamic batch dimension, parameters lifted.
+"""Capture: torch.export (non-strict) of one keyword call, every size dynamic that the
+model lets vary, parameters lifted.
 
 The unlifted module (``ep.module()``) is what passes rewrite: weights are ``get_attr``
-constants, user inputs are placeholders, and the pytree in/out specs keep the original
-call signature (keyword inputs, diffusers output tuples/dataclasses).
+constants, user inputs are placeholders, and the pytree in/out specs keep the call layout
+(nested dicts, output tuples). Each dim of each tensor input is ``Dim.AUTO``: export keeps
+it symbolic unless the model's code fixes it (channels, or a resolution a positional
+embedding is built for), so batch, caption length, frames and, where the model allows,
+resolution stay dynamic. A batch of 1 would be specialized (export's 0/1 rule), so a
+batch-1 example is captured at batch 2, after checking that the doubled call really
+behaves as two copies of the batch.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
 
 from clq_compile.errors import CaptureError
+from clq_compile.signature import (
+    RETURN_DICT,
+    CallSpec,
+    ConstSpec,
+    Param,
+    TensorSpec,
+    output_spec,
+)
 
 log = logging.getLogger(__name__)
 
+# torch.export is not thread-safe (two concurrent exports corrupt each other's state):
+# every capture in the process goes through this lock.
+EXPORT_LOCK = threading.RLock()
 
-def batch_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``Dim.AUTO`` on dim 0 of every tensor whose leading size is the batch size.
 
-    The batch size is the leading size of the first tensor with two or more dims, so
-    per-token tables without a batch dim (e.g. Flux's ``img_ids``) stay static.
-    """
-    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-    batch = next((x.shape[0] for x in leaves if x.dim() >= 2), None)
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    call_spec: CallSpec
+    example: dict[str, Any]  # the keyword call the graph was exported with
+    dynamic_shapes: Any
+
+
+def auto_dynamic_shapes(call: dict[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` on every dim of every tensor input."""
 
     def spec(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch:
-            return {0: Dim.AUTO}
+        if isinstance(x, torch.Tensor):
+            return {d: Dim.AUTO for d in range(x.dim())} or None
         return None
 
-    return pytree.tree_map(spec, (args, kwargs))
+    return {k: pytree.tree_map(spec, v) for k, v in call.items()}
+
+
+def batch_size(call: dict[str, Any]) -> int | None:
+    """The leading size of the first tensor with two or more dims."""
+    leaves = [x for x in pytree.tree_leaves(call) if isinstance(x, torch.Tensor)]
+    return next((int(x.shape[0]) for x in leaves if x.dim() >= 2), None)
+
+
+def _doubled(call: dict[str, Any]) -> dict[str, Any]:
+    return pytree.tree_map(
+        lambda x: torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() >= 1
+        and x.shape[0] == 1 else x, call)
+
+
+def _behaves_as_two_copies(model: torch.nn.Module, call: dict, doubled: dict) -> bool:
+    """Every output of the doubled call is the single call's output, twice."""
+    try:
+        with torch.no_grad():
+            one = pytree.tree_leaves(model(**call))
+            two = pytree.tree_leaves(model(**doubled))
+    except Exception:  # noqa: BLE001 - the doubled call not running means "no"
+        return False
+    if len(one) != len(two):
+        return False
+    for a, b in zip(one, two, strict=True):
+        if not isinstance(a, torch.Tensor):
+            continue
+        if not isinstance(b, torch.Tensor) or b.shape[:1] != (2 * a.shape[0],) or \
+                b.shape[1:] != a.shape[1:]:
+            return False
+        tol = 1e-4 * float(a.abs().max()) + 1e-6 if a.is_floating_point() else 0
+        if any(float((half - a).abs().max()) > tol for half in b.chunk(2)):
+            return False
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _name_op(err: Exception) -> str:
-    text = str(err)
-    m = re.search(r"(aten\.[\w.]+|torch\.ops\.[\w.]+)", text)
+    m = re.search(r"(aten\.[\w.]+|torch\.ops\.[\w.]+)", str(err))
     return f" (op {m.group(1)})" if m else ""
 
 
-def capture(
-    model: torch.nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    dynamic_shapes: Any = None,
-) -> fx.GraphModule:
-    """Export ``model`` on one example call; raise CaptureError naming the op or input."""
-    if dynamic_shapes is None:
-        dyn_args, dyn_kwargs = batch_dynamic_shapes(args, kwargs)
-        names = _arg_names(model, len(args))
-        dynamic_shapes = {**dict(zip(names, dyn_args, strict=True)), **dyn_kwargs}
-    try:
+def export_program(module: torch.nn.Module, call: dict[str, Any], dynamic_shapes: Any,
+                   what: str = "") -> torch.export.ExportedProgram:
+    """torch.export of ``module(**call)`` under the process-wide lock."""
+    with EXPORT_LOCK, torch.no_grad():
+        try:
+            return torch.export.export(module, (), call, dynamic_shapes=dynamic_shapes,
+                                       strict=False)
+        except Exception as e:  # noqa: BLE001 - every export failure is reported the same way
+            raise CaptureError(
+                f"torch.export could not capture {what or type(module).__name__}"
+                f"{_name_op(e)}: {type(e).__name__}: {_first_line(e)}"
+            ) from e
+
+
+def call_spec_of(ep: torch.export.ExportedProgram, params: list[Param],
+                 call: dict[str, Any]) -> CallSpec:
+    """Static sizes and dynamic symbols of every input, read off the exported program."""
+    flat = pytree.tree_flatten_with_path(call)[0]
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    leaves: list[TensorSpec | ConstSpec] = []
+    for (path, value), user in zip(flat, ep.graph_signature.user_inputs, strict=True):
+        key = pytree.keystr(path)
+        if not isinstance(value, torch.Tensor):
+            leaves.append(ConstSpec(key, value))
+            continue
+        fake = vals.get(user)
+        shape = tuple(int(s) if isinstance(s, int) else str(s) for s in fake.shape)
+        leaves.append(TensorSpec(key, value.dtype, shape, tuple(value.shape)))
+    ranges = {str(sym): (_bound(vr.lower) or 0, _bound(vr.upper))
+              for sym, vr in ep.range_constraints.items()}
+    _, in_spec = pytree.tree_flatten(call)
+    return CallSpec(params, in_spec, leaves, ranges)
+
+
+def _bound(x: Any) -> int | None:
+    """A finite range bound as an int; None for an infinite one."""
+    if x in (int_oo, -int_oo):
+        return None
+    return int(x)
+
+
+def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
+            dynamic_shapes: Any = None) -> Captured:
+    """Export ``model(**call)`` (a call bound by :func:`clq_compile.signature.bind`)."""
+    call = dict(call)
+    out_spec = None
+    if RETURN_DICT in call:
         with torch.no_grad():
-            ep = torch.export.export(
-                model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False
-            )
-    except Exception as e:  # noqa: BLE001 - every export failure is reported the same way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}{_name_op(e)}: "
-            f"{type(e).__name__}: {first}"
-        ) from e
+            out_spec = output_spec(model(**{**call, RETURN_DICT: True}))
+        call[RETURN_DICT] = False
+    example = call
+    if dynamic_shapes is None:
+        if batch_size(call) == 1:
+            doubled = _doubled(call)
+            if _behaves_as_two_copies(model, call, doubled):
+                example = doubled
+            else:
+                log.warning("calibration batch is 1 and the inputs do not double as a batch: "
+                            "the quantized graph only takes batch 1")
+        dynamic_shapes = auto_dynamic_shapes(example)
+    ep = export_program(model, example, dynamic_shapes)
+    spec = call_spec_of(ep, params, example)
+    spec.output = out_spec
     gm = ep.module()
     gm.meta["clq_dynamic_shapes"] = dynamic_shapes
-    return gm
+    return Captured(gm, spec, example, dynamic_shapes)
 
 
-def _arg_names(model: torch.nn.Module, n: int) -> list[str]:
-    import inspect
-
-    params = list(inspect.signature(model.forward).parameters)
-    return params[:n]
+def own_tensors(gm: fx.GraphModule) -> None:
+    """Replace every parameter, buffer and tensor constant the graph reads by a copy, so the
+    graph no longer shares storage with the model it was captured from."""
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in done:
+            continue
+        done.add(node.target)
+        owner_name, _, leaf = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        t = getattr(owner, leaf)
+        if not isinstance(t, torch.Tensor):
+            continue
+        copy = t.detach().clone()
+        if isinstance(t, torch.nn.Parameter):
+            setattr(owner, leaf, torch.nn.Parameter(copy, requires_grad=False))
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = copy
+        else:
+            setattr(owner, leaf, copy)

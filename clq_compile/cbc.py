@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from clq_compile.annotations import linear_info
 from clq_compile.overrides import PlanOverride
 from clq_compile.plan import Plan
-from clq_compile.recipes.base import PlanContext
+from clq_compile.runner import PlanContext
 
 log = logging.getLogger(__name__)
 

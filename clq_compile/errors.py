@@ -21,3 +21,16 @@ class ConfigError(ClqError, ValueError):
 
 class QuantizationError(ClqError, ValueError):
     """A tensor cannot be quantized as asked (non-finite values, bad shapes)."""
+
+
+class InputError(ClqError, ValueError):
+    """A quantized model was called with inputs its graph cannot take; the message names
+    the input, the size or value it was captured with, and the remedy."""
+
+
+class SaveError(ClqError, OSError):
+    """A quantized model or ONNX file could not be written or read back; names the path."""
+
+
+class LoadError(ClqError, ValueError):
+    """A saved model directory is missing, incomplete, corrupt or from a newer format."""

@@ -50,19 +50,19 @@ def summary(qm: Any) -> str:
     plan: Plan = qm.plan
     q = plan.quantized_layers()
     fp_lin = sum(lp.in_features * lp.out_features * 4 for lp in q)
-    from clq_compile.qlinear import PackedWeight  # noqa: F401 - documents the layout below
-
     state = qm.graph_module.state_dict()
     q_lin = sum(t.numel() * t.element_size() for k, t in state.items()
                 if k.startswith("clq_") and (k.endswith("_w_q") or k.endswith("_w_scale")))
     total = qm.weight_bytes()
     ratio = fp_lin / q_lin if q_lin else float("nan")
     mratio = qm.fp_weight_bytes / total if total else float("nan")
-    return (
+    line = (
         f"{plan.recipe} {plan.spec.name}: {len(q)}/{len(plan.layers)} linears quantized; "
         f"quantized-linear weights {fp_lin:,} B -> {q_lin:,} B ({ratio:.2f}x); "
         f"model weights {qm.fp_weight_bytes:,} B -> {total:,} B ({mratio:.2f}x)"
     )
+    note = plan.meta.get("coverage")
+    return f"{line}\nWARNING: {note}" if note else line
 
 
 def inspect(qm: Any, tablefmt: str = "simple") -> str:

@@ -15,6 +15,7 @@ import torch.fx as fx
 from clq_compile.annotations import linear_info
 from clq_compile.plan import Plan
 from clq_compile.qlinear import PackedWeight, apply_transform, pack_weight, quantized_linear
+from clq_compile.runner import PlanContext
 
 
 class PlanOverride:
@@ -27,7 +28,7 @@ class PlanOverride:
 
     def __init__(
         self,
-        ctx: Any,
+        ctx: PlanContext,
         plan: Plan,
         only: set[str] | None = None,
         clips: dict[str, tuple[float, float]] | None = None,

@@ -103,3 +103,40 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+    # -- exact round trip (save/load): JSON for the data, tensors kept apart ------------
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        transforms = {}
+        for g, tp in self.transforms.items():
+            d = {"kind": tp.kind, "order": tp.order, "note": tp.note}
+            for k in ("perm", "smooth", "rot"):
+                t = getattr(tp, k)
+                if t is not None:
+                    tensors[f"plan.t{g}.{k}"] = t.detach().contiguous()
+                d[k] = t is not None
+            transforms[str(g)] = d
+        layers = {}
+        for name, lp in self.layers.items():
+            d = {f.name: getattr(lp, f.name) for f in dataclasses.fields(lp)}
+            d["spec"] = None if lp.spec is None else dataclasses.asdict(lp.spec)
+            layers[name] = d
+        state = {"recipe": self.recipe, "spec": dataclasses.asdict(self.spec),
+                 "layers": layers, "transforms": transforms,
+                 "meta": json.loads(json.dumps(self.meta, default=str))}
+        return state, tensors
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Plan:
+        plan = cls(recipe=state["recipe"], spec=QuantSpec(**state["spec"]),
+                   meta=dict(state.get("meta", {})))
+        for name, d in state["layers"].items():
+            d = dict(d)
+            d["spec"] = None if d["spec"] is None else QuantSpec(**d["spec"])
+            plan.layers[name] = LayerPlan(**d)
+        for g, d in state["transforms"].items():
+            plan.transforms[int(g)] = TransformPlan(
+                **{k: tensors[f"plan.t{g}.{k}"] if d[k] else None
+                   for k in ("perm", "smooth", "rot")},
+                kind=d["kind"], order=d["order"], note=d["note"])
+        return plan

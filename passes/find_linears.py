@@ -21,7 +21,9 @@ def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
 
 
 def weight_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """The weight of a linear: a get_attr constant (export) or a placeholder's value."""
+    """The real weight of a linear: a get_attr constant (export) or the value the
+    torch.compile backend attached to a placeholder; None when it only exists at run
+    time (a forward input, or computed in the graph)."""
     w = node.args[1]
     if not isinstance(w, fx.Node):
         return None
@@ -29,8 +31,18 @@ def weight_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
         return fetch_attr(gm, w.target)
     if "clq_value" in w.meta:  # a real tensor the torch.compile backend attached
         return w.meta["clq_value"]
-    v = val(w)
-    return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def _size(s: int | torch.SymInt) -> int:
+    """A static size, or the example size of a dynamic one (-1 when unknown)."""
+    if isinstance(s, int):
+        return s
+    hint = getattr(getattr(s, "node", None), "hint", None)
+    return int(hint) if hint is not None else -1
+
+
+RUNTIME_WEIGHT = "weight is a run-time value (a forward input or computed), not a parameter"
 
 
 def weight_name(node: fx.Node) -> str:
@@ -53,7 +65,8 @@ class FindLinears(GraphPass):
             if not is_linear(node):
                 continue
             w = weight_tensor(gm, node)
-            if w is None or w.dim() != 2:
+            shape = val(node.args[1]) if w is None and isinstance(node.args[1], fx.Node) else w
+            if not isinstance(shape, torch.Tensor) or shape.dim() != 2:
                 continue
             path = module_path(node) or node.name
             name = path if not seen[path] else f"{path}#{seen[path]}"
@@ -61,8 +74,9 @@ class FindLinears(GraphPass):
             node.meta[META_KEY] = LinearInfo(
                 name=name,
                 block=node.meta[BLOCK_KEY],
-                in_features=int(w.shape[1]),
-                out_features=int(w.shape[0]),
+                in_features=_size(shape.shape[1]),
+                out_features=_size(shape.shape[0]),
                 weight=weight_name(node),
+                skip_reason="" if w is not None else RUNTIME_WEIGHT,
             )
         return PassResult(gm, False)

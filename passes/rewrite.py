@@ -1,9 +1,17 @@
-"""Rewrite: each planned ``aten.linear`` becomes ``clq.quant_linear`` on packed constants,
-behind one shared ``clq.transform`` per input group."""
+"""The one rewrite from a Plan to a graph: each planned ``linear`` reads its input through
+one shared ``clq.transform`` per input group, and its weight from a *weight source*:
+
+- ``"packed"``: packed int4/int8 constants computed now (``clq.quantize``, ``clq.load``);
+- ``"runtime"``: a ``WeightPacker`` that packs whatever weight arrives at call time (the
+  torch.compile backend, where weights are graph inputs);
+- ``"float"``: the transform's inverse folded into a float weight, nothing quantized (the
+  rotation-only check: the output must not change beyond float error).
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -11,8 +19,9 @@ import torch.fx as fx
 from clq_compile.annotations import annotated_linears, linear_info
 from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.infra import GraphPass, PassResult
-from clq_compile.plan import Plan
-from clq_compile.qlinear import pack_weight
+from clq_compile.plan import LayerPlan, Plan, TransformPlan
+from clq_compile.qlinear import fold_weight, pack_weight
+from clq_compile.weight_cache import WeightPacker
 
 QUANT_LINEAR = torch.ops.clq.quant_linear.default
 TRANSFORM = torch.ops.clq.transform.default
@@ -22,14 +31,14 @@ def _safe(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
 
-def _const(gm: fx.GraphModule, graph: fx.Graph, name: str, t: torch.Tensor | None):
+def _const(gm: fx.GraphModule, name: str, t: torch.Tensor | None) -> fx.Node | None:
     if t is None:
         return None
     gm.register_buffer(name, t.detach().clone().contiguous())
-    return graph.get_attr(name)
+    return gm.graph.get_attr(name)
 
 
-def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp) -> fx.Node:
+def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp: TransformPlan) -> fx.Node:
     """One transform node right after its input (after all placeholders if x is one)."""
     graph = gm.graph
     anchor = x
@@ -38,10 +47,40 @@ def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp) -> fx.Node
     with graph.inserting_after(anchor):
         t = graph.call_function(TRANSFORM, (x, None, None, None))
     with graph.inserting_before(t):
-        consts = [_const(gm, graph, f"clq_t{group}_{k}", getattr(tp, k))
+        consts = [_const(gm, f"clq_t{group}_{k}", getattr(tp, k))
                   for k in ("perm", "smooth", "rot")]
     t.args = (x, *consts)
     return t
+
+
+def _getitem(t: tuple, i: int) -> torch.Tensor:
+    return t[i]
+
+
+# A weight source: (gm, linear node, layer plan, transform) -> (w_q node, w_scale node),
+# inserted before the linear.
+WeightSource = Callable[[fx.GraphModule, fx.Node, LayerPlan, TransformPlan | None],
+                        tuple[fx.Node, fx.Node]]
+
+
+def packed_constants(gm: fx.GraphModule, node: fx.Node, lp: LayerPlan,
+                     tp: TransformPlan | None) -> tuple[fx.Node, fx.Node]:
+    packed = pack_weight(weight_tensor(gm, node), lp, tp)
+    base = f"clq_{_safe(lp.name)}"
+    return _const(gm, f"{base}_w_q", packed.w_q), _const(gm, f"{base}_w_scale", packed.w_scale)
+
+
+def runtime_packer(gm: fx.GraphModule, node: fx.Node, lp: LayerPlan,
+                   tp: TransformPlan | None) -> tuple[fx.Node, fx.Node]:
+    name = f"clq_pack_{_safe(lp.name)}"
+    gm.add_submodule(name, WeightPacker(lp, tp))
+    packed = gm.graph.call_module(name, (node.args[1],))
+    return (gm.graph.call_function(_getitem, (packed, 0)),
+            gm.graph.call_function(_getitem, (packed, 1)))
+
+
+WEIGHT_SOURCES: dict[str, WeightSource] = {"packed": packed_constants, "runtime": runtime_packer}
+MODES = (*WEIGHT_SOURCES, "float")
 
 
 def drop_unused_attributes(gm: fx.GraphModule) -> None:
@@ -55,12 +94,15 @@ def drop_unused_attributes(gm: fx.GraphModule) -> None:
 
 
 class RewriteLinears(GraphPass):
-    """Needs analysis annotations and a Plan; ensures one clq node per quantized layer."""
+    """Needs analysis annotations and a Plan; ensures one ``clq.quant_linear`` per
+    quantized layer (weight sources) or one folded float linear per transformed layer."""
 
     name = "rewrite_linears"
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
+    def __init__(self, plan: Plan, weights: str = "packed") -> None:
+        if weights not in MODES:
+            raise ValueError(f"unknown weight source {weights!r}; choose from {MODES}")
+        self.plan, self.weights = plan, weights
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -71,22 +113,27 @@ class RewriteLinears(GraphPass):
             if lp is None or not lp.quantized:
                 continue
             tp = self.plan.transform_of(lp)
-            packed = pack_weight(weight_tensor(gm, node), lp, tp)
-            x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
-            base = f"clq_{_safe(lp.name)}"
+            if self.weights == "float" and tp is None:
+                continue
+            x, bias = node.args[0], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if tp is not None:
+                if lp.group not in transformed:
+                    transformed[lp.group] = _insert_transform(gm, x, lp.group, tp)
+                x = transformed[lp.group]
             with graph.inserting_before(node):
-                if tp is not None:
-                    if lp.group not in transformed:
-                        transformed[lp.group] = _insert_transform(gm, x, lp.group, tp)
-                    x = transformed[lp.group]
-                w_q = _const(gm, graph, f"{base}_w_q", packed.w_q)
-                w_s = _const(gm, graph, f"{base}_w_scale", packed.w_scale)
+                if self.weights == "float":
+                    w = _const(gm, f"clq_{_safe(lp.name)}_w_rot",
+                               fold_weight(weight_tensor(gm, node), tp))
+                    node.args = (x, w, *node.args[2:])
+                    modified = True
+                    continue
+                w_q, w_s = WEIGHT_SOURCES[self.weights](gm, node, lp, tp)
                 spec = lp.spec
                 new = graph.call_function(
                     QUANT_LINEAR,
                     (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
                 )
-            new.meta.update({k: v for k, v in node.meta.items()})
+            new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True
@@ -98,6 +145,8 @@ class RewriteLinears(GraphPass):
         return PassResult(gm, modified)
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        if self.weights == "float":
+            return
         n = sum(1 for x in gm.graph.nodes if x.op == "call_function" and x.target == QUANT_LINEAR)
         want = len(self.plan.quantized_layers())
         if n != want:

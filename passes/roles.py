@@ -2,8 +2,9 @@
 
 Rules, in priority order (each a small function so the set reads as data):
 - outside the repeated blocks: "embed" before them, "final" after them;
-- input of rank 2 (one vector per sample, e.g. adaLN on the timestep embedding):
-  "modulation";
+- input of rank 2 (one vector per sample, e.g. adaLN on the timestep embedding) in a
+  graph whose other linears read token sequences (rank >= 3): "modulation"; in a graph
+  of rank-2 inputs only (a plain MLP on vectors) rank 2 is the data itself;
 - feeds an SDPA query/key/value through reshapes, norms and RoPE: "attn_q/k/v", or
   "cross_q/k/v" when keys/values read other tensors than the queries;
 - reads an SDPA output through reshapes only: "attn_out";
@@ -20,6 +21,9 @@ from clq_compile.annotations import LinearInfo, annotated_linears, linear_info
 from clq_compile.passes.blocks import BLOCK_KEY
 from clq_compile.passes.graph_utils import is_linear, is_sdpa, op_name, rank
 from clq_compile.passes.infra import GraphPass, PassResult
+
+ROLES = ("embed", "final", "modulation", "attn_q", "attn_k", "attn_v", "cross_q", "cross_k",
+         "cross_v", "attn_out", "mlp_up", "mlp_down", "other")
 
 # Ops that move or relabel data without mixing tokens: followed when tracing a value.
 RESHAPE_OPS = frozenset(
@@ -93,6 +97,8 @@ def _outside_blocks(linears: list[fx.Node], gm: fx.GraphModule) -> None:
 
 
 def _per_sample(linears: list[fx.Node], gm: fx.GraphModule) -> None:
+    if not any((rank(n.args[0]) or 0) >= 3 for n in linears):
+        return
     for n in linears:
         if rank(n.args[0]) == 2:
             _assign([n], "modulation")
@@ -142,4 +148,4 @@ def roles(gm: fx.GraphModule) -> dict[str, str]:
     return {info.name: info.role for info in map(linear_info, annotated_linears(gm))}
 
 
-__all__ = ["AssignRoles", "LinearInfo", "ROLE_RULES", "roles"]
+__all__ = ["ROLES", "AssignRoles", "LinearInfo", "ROLE_RULES", "roles"]

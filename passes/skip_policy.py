@@ -24,7 +24,9 @@ def shape_skip_reason(k: int, spec: QuantSpec) -> str:
     """Why a linear with reduction size ``k`` cannot take ``spec`` ("" if it can)."""
     if spec.w_bits == 4 and k % 2:
         return f"K={k} is odd: int4 packing needs an even K"
-    for what, g in (("weight", spec.w_group), ("activation", spec.a_group)):
+    groups = [("weight", spec.w_group)] + ([("activation", spec.a_group)] if spec.a_bits < 16
+                                           else [])
+    for what, g in groups:
         if g and k % g:
             return f"K={k} is not divisible by the {what} group size {g}"
     return ""
@@ -40,7 +42,6 @@ class SkipPolicy(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         for n in annotated_linears(gm):
             info = linear_info(n)
-            info.skip_reason = self.skip_roles.get(info.role, "") or shape_skip_reason(
-                info.in_features, self.spec
-            )
+            info.skip_reason = (info.skip_reason or self.skip_roles.get(info.role, "")
+                                or shape_skip_reason(info.in_features, self.spec))
         return PassResult(gm, False)

@@ -36,10 +36,12 @@ def test_calibration_not_matching_forward(pixart):
 
 
 def test_calibration_calls_with_different_structure(pixart):
+    """An input the first call left at its default (None) and a later call passes as a
+    tensor cannot share one graph: named, with the call index."""
     model, inputs = pixart
     second = inputs(1)
-    second.pop("return_dict")
-    with pytest.raises(clq.CalibrationError, match="different structure"):
+    second["encoder_attention_mask"] = torch.ones(2, 6)
+    with pytest.raises(clq.CalibrationError, match="call 1: input encoder_attention_mask"):
         clq.quantize(model, [inputs(0), second])
 
 

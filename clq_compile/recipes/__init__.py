@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from clq_compile.errors import ConfigError
-from clq_compile.recipes.base import PlanContext, RecipeConfig
+from clq_compile.recipes.base import RecipeConfig
+from clq_compile.runner import PlanContext
 
 PlanFn = Callable[[PlanContext, RecipeConfig], Any]
 C = TypeVar("C", bound=type)
@@ -35,6 +36,11 @@ def available_recipes() -> list[str]:
 def resolve_recipe(recipe: str | RecipeConfig, **options: Any) -> RecipeConfig:
     """A config object from a registered name plus options, or the config itself."""
     if isinstance(recipe, RecipeConfig):
+        fields = {f.name for f in dataclasses.fields(recipe)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ConfigError(f"recipe {recipe.name!r} has no option(s) {unknown}; "
+                              f"options: {sorted(fields)}")
         return dataclasses.replace(recipe, **options) if options else recipe
     if not isinstance(recipe, str) or recipe not in _BY_NAME:
         raise ConfigError(f"unknown recipe {recipe!r}; registered: {available_recipes()}")

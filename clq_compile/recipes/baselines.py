@@ -9,24 +9,26 @@ from typing import ClassVar
 import torch
 
 from clq_compile.cbc import BlockData, calibrate_blockwise
+from clq_compile.options import integer, option, power_of_two, real
 from clq_compile.passes.obs import quarot_transform, smoothquant_transform
 from clq_compile.plan import Plan
 from clq_compile.recipes import register_recipe
-from clq_compile.recipes.base import PlanContext, RecipeConfig
+from clq_compile.recipes.base import RecipeConfig
+from clq_compile.runner import PlanContext
 
 
 @dataclass(frozen=True)
 class SmoothQuantConfig(RecipeConfig):
     name: ClassVar[str] = "smoothquant"
     needs_calibration: ClassVar[bool] = True
-    alpha: float = 0.5
+    alpha: float = option(0.5, real(0.0, 1.0))  # migration strength
 
 
 @dataclass(frozen=True)
 class QuaRotConfig(RecipeConfig):
     name: ClassVar[str] = "quarot"
-    seed: int = 0
-    max_block: int = 1 << 14
+    seed: int = option(0, integer(0))
+    max_block: int = option(1 << 14, power_of_two(2))
 
 
 def _group_weight_absmax(ctx: PlanContext, plan: Plan, group: int) -> torch.Tensor:

@@ -8,13 +8,23 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from clq_compile.cbc import BlockData, calibrate_blockwise
-from clq_compile.errors import ConfigError
-from clq_compile.passes.clps import candidates, search_layer
+from clq_compile.cbc import PREFIXES, BlockData, calibrate_blockwise
+from clq_compile.clps import candidates, search_layer
+from clq_compile.options import (
+    boolean,
+    choice,
+    grid,
+    integer,
+    option,
+    optional,
+    power_of_two,
+    ratio,
+)
 from clq_compile.passes.obs import ORDERS, obs_transform
 from clq_compile.plan import Plan
 from clq_compile.recipes import register_recipe
-from clq_compile.recipes.base import PlanContext, RecipeConfig
+from clq_compile.recipes.base import RecipeConfig
+from clq_compile.runner import PlanContext
 
 
 @dataclass(frozen=True)
@@ -24,26 +34,20 @@ class CLQConfig(RecipeConfig):
 
     name: ClassVar[str] = "clq"
     needs_calibration: ClassVar[bool] = True
-    cbc: str = "all"  # "all" | "last" | "none"
-    obs: bool = True
-    order: str = "auto"  # "auto" (zigzag per token, sorted per group) | ORDERS
-    block: int = 128
-    percentile: float | None = None  # outlier score: None = max |x|, else this quantile
-    clps: bool = True
-    w_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
-    a_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
-    clps_samples: int = 4
+    cbc: str = option("all", choice(*PREFIXES))
+    obs: bool = option(True, boolean)
+    order: str = option("auto", choice("auto", *ORDERS))  # auto: zigzag per token, sorted per group
+    block: int = option(128, power_of_two(2))  # Hadamard block B
+    percentile: float | None = option(None, optional(ratio))  # outlier score: None = max |x|
+    clps: bool = option(True, boolean)
+    w_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8), grid)
+    a_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8, 0.7), grid)
+    clps_samples: int = option(4, integer(1))
 
-    def __post_init__(self) -> None:
-        if self.order != "auto" and self.order not in ORDERS:
-            raise ConfigError(f"order must be 'auto' or one of {ORDERS}, got {self.order!r}")
-        if self.cbc not in ("all", "last", "none"):
-            raise ConfigError(f"cbc must be 'all', 'last' or 'none', got {self.cbc!r}")
-
-    def resolved_order(self) -> str:
+    def resolved_order(self, a_group: int) -> str:
         if self.order != "auto":
             return self.order
-        return "sorted" if self.a_group else "zigzag"
+        return "sorted" if a_group else "zigzag"
 
 
 @register_recipe(CLQConfig)
@@ -55,9 +59,9 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
     def decide(block: BlockData) -> None:
         for g, st in block.stats.items():
             if config.obs and g not in plan.transforms:
-                plan.transforms[g] = obs_transform(
-                    st.score(config.percentile), config.resolved_order(), config.block
-                )
+                order = config.resolved_order(ctx.spec.a_group)
+                plan.transforms[g] = obs_transform(st.score(config.percentile), order,
+                                                   config.block)
         for name in block.layers:
             lp = plan.layers[name]
             lp.outlier_score = float(block.stats[lp.group].absmax.max())

@@ -5,16 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from clq_compile.options import option, ratio
 from clq_compile.plan import Plan
 from clq_compile.recipes import register_recipe
-from clq_compile.recipes.base import PlanContext, RecipeConfig
+from clq_compile.recipes.base import RecipeConfig
+from clq_compile.runner import PlanContext
 
 
 @dataclass(frozen=True)
 class RTNConfig(RecipeConfig):
     name: ClassVar[str] = "rtn"
-    w_clip: float = 1.0
-    a_clip: float = 1.0
+    w_clip: float = option(1.0, ratio)
+    a_clip: float = option(1.0, ratio)
 
 
 @register_recipe(RTNConfig)

@@ -24,12 +24,12 @@ import onnxscript.optimizer
 import torch
 import torch.utils._pytree as pytree
 
-from clq_compile.capture import batch_dynamic_shapes
-from clq_compile.errors import ConfigError
+from clq_compile.atomic import atomic_file
+from clq_compile.errors import CaptureError, ConfigError
 
 from . import ort_cpu, qdq, torchlib_fixes
 from .errors import OnnxExportError
-from .session import INPUT_PATHS_KEY
+from .session import INPUT_PATHS_KEY, PARAMS_KEY
 from .transform import transform
 from .weights import WeightTable, quant_linear_translation
 
@@ -46,10 +46,11 @@ def export_onnx(
     path: str | os.PathLike,
     target: str = "qdq",
     opset: int = 21,
-    dynamic_batch: bool = True,
 ) -> Path:
-    """Write ``qm`` (a ``clq.QuantizedModel``: ``graph_module``, ``example_inputs``,
-    ``dynamic_shapes``) as ONNX and return the path.
+    """Write ``qm`` (a ``clq.QuantizedModel``, or anything with ``exported_program()``)
+    as ONNX and return the path. The file has the graph's dynamic axes (batch, and the
+    token counts the model lets vary). It is written under a temporary name and renamed
+    when complete, so a failed write leaves a previous file intact.
 
     ``target="qdq"``: portable INT4/INT8 QuantizeLinear/DequantizeLinear, exact against the
     reference up to float32 rounding. ``target="ort-cpu"``: integer MatMulInteger /
@@ -60,8 +61,7 @@ def export_onnx(
         raise ConfigError(f"unknown ONNX target {target!r}; choose one of {sorted(TARGETS)}")
     if opset < MIN_OPSET:
         raise ConfigError(f"INT4 Q/DQ needs opset >= {MIN_OPSET}, got {opset}")
-    args, kwargs = qm.example_inputs
-    ep = _capture(qm, args, kwargs, dynamic_batch)
+    ep = _capture(qm)
     weights = WeightTable.from_exported_program(ep)
     table = {
         **torchlib_fixes.TRANSLATIONS,
@@ -88,9 +88,14 @@ def export_onnx(
     model.ir_version = IR_VERSION
     model.metadata_props[INPUT_PATHS_KEY] = json.dumps(_input_paths(ep, model))
     model.metadata_props["clq.target"] = target
+    spec = getattr(qm, "call_spec", None)
+    if spec is not None:
+        model.metadata_props[PARAMS_KEY] = json.dumps(
+            [p.name for p in spec.params if p.kind == "positional"])
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, path, external_data=_external_name(model, path))
+    with atomic_file(path) as tmp:
+        # External data (models over 2 GB) is written beside, under the final data name.
+        ir.save(model, tmp, external_data=_external_name(model, path))
     counts = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph)
     log.info("wrote %s (%s, opset %d): %s", path, target, opset, dict(counts))
     return path
@@ -109,18 +114,11 @@ def _quiet_registry() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _capture(
-    qm: Any, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_batch: bool
-) -> torch.export.ExportedProgram:
-    dyn = None
-    if dynamic_batch:
-        dyn = getattr(qm, "dynamic_shapes", None)
-        if dyn is None:
-            dyn = batch_dynamic_shapes(args, kwargs)
+def _capture(qm: Any) -> torch.export.ExportedProgram:
     try:
-        with torch.no_grad():
-            return torch.export.export(qm.graph_module, args, kwargs, dynamic_shapes=dyn)
-    except Exception as e:  # noqa: BLE001 - every capture failure is reported the same way
+        return qm.exported_program()
+    except CaptureError as e:
+        e = e.__cause__ or e
         op = _failed_op(e)
         raise OnnxExportError(
             f"torch.export could not re-capture the quantized graph"

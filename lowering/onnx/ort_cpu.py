@@ -15,11 +15,14 @@
 Integer weights are stored as INT4 initializers and ``Cast`` to INT8: the file stays
 4-bit and ORT folds the Cast once at session creation.
 
-Why u8×s8 and where it is exact: ORT's s8×s8 GEMM runs ~5× slower than fp32 on x86,
-u8×s8 ~4× faster. On x86 CPUs without VNNI, ORT's u8×s8 kernel (vpmaddubsw) saturates a
-pair of products at int16 (ORT's own quantization docs). With int4 weights a pair is at
-most 2·255·8 = 4080, so W4A4/W4A8 are exact everywhere; W8A8 pairs reach 65280, so W8A8
-is exact on VNNI/AMX x86 (checked here) and ARM, and may saturate on AVX2-only x86.
+Why u8×s8 for int4 weights, u8×u8 for int8: ORT's s8×s8 GEMM runs ~5× slower than fp32
+on x86, u8×s8 ~4× faster. On x86 CPUs without VNNI, ORT's u8×s8 kernel (vpmaddubsw)
+saturates a pair of products at int16 (ORT's own quantization docs). With int4 weights a
+pair is at most 2·255·8 = 4080, so W4A4/W4A8 are exact everywhere. Int8 weight pairs reach
+65280 and did saturate on an AVX2-only AMD EPYC (errors of 1.8e5 in int32 sums), so int8
+weights are stored as u8 (q + 128, zero point 128): ORT's u8×u8 kernel widens to 16 bits
+before multiplying and is exact on every CPU (1.6× slower than u8×s8 there, still faster
+than fp32).
 """
 
 from __future__ import annotations
@@ -63,16 +66,22 @@ MATMUL_NBITS = _contrib_op(
 # per-channel weight scale fused into the integer GEMM's output stage.
 MATMUL_INTEGER_TO_FLOAT = _contrib_op(
     "MatMulIntegerToFloat",
-    [("A", "T1"), ("B", "T2"), ("a_scale", "T3"), ("b_scale", "T3"), ("a_zero_point", "T1")],
-    {"T1": ["tensor(uint8)"], "T2": ["tensor(int8)"], "T3": ["tensor(float)"]},
+    [("A", "T1"), ("B", "T2"), ("a_scale", "T3"), ("b_scale", "T3"), ("a_zero_point", "T1"),
+     ("b_zero_point", "T2")],
+    {"T1": ["tensor(uint8)"], "T2": ["tensor(int8)", "tensor(uint8)"], "T3": ["tensor(float)"]},
 )
 
 
-def int8_weight(
+def integer_weight(
     w: PackedWeight, shape: tuple[int, ...] | None = None, suffix: str = "kn"
-) -> ir.Value:
-    q = op.Constant(value=w.int_tensor(shape, suffix))
-    return q if w.bits == 8 else op.Cast(q, to=ir.DataType.INT8)
+) -> tuple[ir.Value, ir.Value]:
+    """(B, its zero point) for ORT's u8×B integer GEMMs: int4 codes as int8 (zero point
+    0), int8 codes as u8 with zero point 128 (exact without VNNI, see the module doc)."""
+    if w.bits == 8:
+        u = op.Constant(value=w.int_tensor(shape, suffix, offset=U8_ZERO))
+        return u, const(U8_ZERO, np.uint8)
+    q = op.Cast(op.Constant(value=w.int_tensor(shape, suffix)), to=ir.DataType.INT8)
+    return q, const(0, np.int8)
 
 
 def _group_scales(scale: np.ndarray, g: int, k: int) -> np.ndarray:
@@ -90,7 +99,8 @@ def integer_linear(
     g = math.gcd(w.group or k, a_group or k)
     if g == k:  # per token × per channel: one integer GEMM, weight scale fused
         w_scale = op.Constant(value=w.scale_tensor(w.scale[:, 0], "scale"))
-        y = MATMUL_INTEGER_TO_FLOAT(u, int8_weight(w), const(1.0), w_scale, zp)
+        b, b_zp = integer_weight(w)
+        y = MATMUL_INTEGER_TO_FLOAT(u, b, const(1.0), w_scale, zp, b_zp)
         y = op.Mul(y, s_a)  # the per-token scale varies by row: ORT's kernel cannot fuse it
     else:
         y = _grouped_integer_linear(x, u, s_a, w, a_group, g, zp)
@@ -106,8 +116,8 @@ def _grouped_integer_linear(
     """Σ over K-groups of (int32 group dot product · group scales), batched over groups."""
     k, n, n_g = w.k, w.n, w.k // g
     u3 = op.Transpose(op.Reshape(u, const([-1, n_g, g], np.int64)), perm=[1, 0, 2])
-    part = op.Cast(op.MatMulInteger(u3, int8_weight(w, (n_g, g, n), "gkn"), zp),
-                   to=ir.DataType.FLOAT)  # (G, M, N)
+    b, b_zp = integer_weight(w, (n_g, g, n), "gkn")
+    part = op.Cast(op.MatMulInteger(u3, b, zp, b_zp), to=ir.DataType.FLOAT)  # (G, M, N)
     if a_group:
         sa = op.Reshape(s_a, const([-1, k // a_group, 1], np.int64))
         sa = op.Expand(sa, const([1, k // a_group, a_group // g], np.int64))

@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 INPUT_PATHS_KEY = "clq.input_paths"  # model metadata: pytree key path of each graph input
+PARAMS_KEY = "clq.params"  # model metadata: forward's positional parameter names
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -42,6 +43,10 @@ def ort_feeds(
     (recorded at export), so keyword order and nested dicts do not matter."""
     meta = session.get_modelmeta().custom_metadata_map
     paths = json.loads(meta[INPUT_PATHS_KEY])
+    if args and PARAMS_KEY in meta:  # the graph takes keywords: name positional arguments
+        names = json.loads(meta[PARAMS_KEY])
+        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        args = ()
     leaves = {
         pytree.keystr(p): v for p, v in pytree.tree_flatten_with_path((args, kwargs))[0]
     }

@@ -15,14 +15,13 @@ def transform(
     """Same order as ``clq_compile.ops.transform_reference``: float32, gather, scale,
     rotate each length-B block of the last dim, cast back to x's dtype."""
     rank = rank_of(x)
-    k = x.shape[-1]
     y = to_float(x)
     if perm is not None:
         y = op.Gather(y, perm, axis=rank - 1)
     if smooth is not None:
         y = op.Mul(y, to_float(smooth))
     if rot is not None:
-        b = rot.shape[0]
-        y = op.MatMul(split_last(y, rank, k // b, b), to_float(rot))
-        y = merge_last(y, rank, k)
+        b = rot.shape[0]  # K may be symbolic in the graph: let Reshape infer K/B and K
+        y = op.MatMul(split_last(y, rank, -1, b), to_float(rot))
+        y = merge_last(y, rank, -1)
     return cast_like(y, x)

@@ -46,11 +46,16 @@ class PackedWeight:
         """Group size along K (0 = one scale per output channel)."""
         return weight_group(self.k, torch.from_numpy(self.scale))
 
-    def int_tensor(self, shape: tuple[int, ...] | None = None, suffix: str = "kn") -> ir.Tensor:
-        """Transposed (K, N) integer values (or reshaped to ``shape``) as INT4/INT8."""
+    def int_tensor(self, shape: tuple[int, ...] | None = None, suffix: str = "kn",
+                   offset: int = 0) -> ir.Tensor:
+        """Transposed (K, N) integer values (or reshaped to ``shape``) as INT4/INT8, or
+        shifted by ``offset`` into UINT8 (int8 codes + 128)."""
         kn = np.ascontiguousarray(self.q.T)
         if shape is not None:
             kn = kn.reshape(shape)
+        if offset:
+            u = (kn.astype(np.int16) + offset).astype(np.uint8)
+            return ir.Tensor(u, name=f"{self.name}_{suffix}_u8")
         return ir.Tensor(kn.astype(_INT_TYPES[self.bits]), name=f"{self.name}_{suffix}")
 
     def scale_tensor(self, value: np.ndarray, suffix: str) -> ir.Tensor:

@@ -178,8 +178,9 @@ def _first_inputs(qm: Any, args: tuple, kwargs: dict,
         xq = forced[act_key(node)].to(x.dtype)
         return quant_linear_reference(xq, w_q, w_scale, bias, w_bits, 16, 0, 1.0)
 
+    call, _ = qm.call_spec.normalize(args, kwargs)  # the graph takes the keyword layout
     with torch.no_grad():
-        out = hooked(qm.graph_module, hook)(*args, **kwargs)
+        out = hooked(qm.graph_module, hook)(**call)
     return seen, out
 
 

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import torch
 
-from clq_compile.capture import capture
+from clq_compile.capture import capture, export_program
 from clq_compile.hadamard import hadamard
 from clq_compile.quant import quantize_weight
+from clq_compile.signature import params_of
 
 
 class QLinear(torch.nn.Module):
@@ -40,6 +41,8 @@ class QLinear(torch.nn.Module):
 
 def as_qm(module: torch.nn.Module, x: torch.Tensor) -> SimpleNamespace:
     """What export_onnx reads from a QuantizedModel, for a hand-written module."""
-    gm = capture(module, (x,), {})
-    return SimpleNamespace(graph_module=gm, example_inputs=((x,), {}),
-                           dynamic_shapes=gm.meta["clq_dynamic_shapes"])
+    params = params_of(module.forward)
+    c = capture(module, params, {params[0].name: x})
+    return SimpleNamespace(
+        graph_module=c.gm, call_spec=c.call_spec,
+        exported_program=lambda: export_program(c.gm, c.example, c.dynamic_shapes))

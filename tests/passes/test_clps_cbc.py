@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 import clq_compile as clq
-from clq_compile.api import analyze
-from clq_compile.calibration import GraphRunner, flatten_calls, validate_calibration
-from clq_compile.capture import capture
+from clq_compile.api import capture_calls
+from clq_compile.build import analyze
+from clq_compile.calibration import flatten_calls
 from clq_compile.cbc import calibrate_blockwise
 from clq_compile.recipes import resolve_recipe
-from clq_compile.recipes.base import PlanContext
+from clq_compile.runner import GraphRunner, PlanContext
 from clq_compile.spec import QuantSpec
 from tests.passes.toy import ToyDiT, toy_inputs
 
@@ -57,10 +57,9 @@ def test_clps_picks_the_planted_worst_downstream_layer():
 
 def _ctx(model, calls, spec=None):
     spec = spec or QuantSpec(4, 4)
-    gm = analyze(capture(model, *validate_calibration(model, calls)[0]), spec,
-                 resolve_recipe("rtn"))
-    return PlanContext(gm, spec, flatten_calls(gm, validate_calibration(model, calls)),
-                       GraphRunner(gm))
+    captured, calls = capture_calls(model, calls)
+    gm = analyze(captured.gm, spec, resolve_recipe("rtn"))
+    return PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
 
 
 def _block_inputs(prefix):
@@ -80,7 +79,7 @@ def _block_inputs(prefix):
     return model, calls, seen
 
 
-def _interpret_inputs(gm, layer_names, calls):
+def _interpret_inputs(qm, layer_names, calls):
     """Inputs of the named clq.quant_linear nodes, by a plain FX Interpreter."""
     got = {}
 
@@ -96,8 +95,8 @@ def _interpret_inputs(gm, layer_names, calls):
             return out
 
     for c in calls:
-        flat = flatten_calls(gm, validate_calibration(None, [c]))[0]
-        Spy(gm).run(*flat)
+        flat = flatten_calls(qm.graph_module, [qm.call_spec.normalize((), c)[0]])[0]
+        Spy(qm.graph_module).run(*flat)
     return got
 
 
@@ -105,7 +104,7 @@ def test_cbc_feeds_the_quantized_prefix():
     model, calls, seen = _block_inputs("all")
     qm = clq.quantize(model, calls, recipe="rtn", bits="w4a4", measure=False)
     names = [f"blocks.{b}.attn.to_q" for b in range(3)]
-    expect = _interpret_inputs(qm.graph_module, set(names), calls)
+    expect = _interpret_inputs(qm, set(names), calls)
     for b in range(3):
         assert torch.allclose(seen[str(b)], expect[names[b]], rtol=1e-5, atol=1e-6), b
 

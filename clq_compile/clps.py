@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -19,6 +18,7 @@ import torch.fx as fx
 from clq_compile.annotations import linear_info
 from clq_compile.overrides import PlanOverride
 from clq_compile.plan import Plan
+from clq_compile.runner import PlanContext
 
 
 @dataclass
@@ -38,7 +38,7 @@ def relative_error(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> 
     return num / max(den, 1e-30)
 
 
-def candidates(ctx: Any, name: str) -> list[fx.Node]:
+def candidates(ctx: PlanContext, name: str) -> list[fx.Node]:
     """ℓ's chain (downstream quantizable linears in the window); ℓ itself if empty."""
     chain = linear_info(ctx.nodes[name]).chain
     return [ctx.nodes[c] for c in chain] or [ctx.nodes[name]]
@@ -56,7 +56,7 @@ def downstream(node: fx.Node) -> set[fx.Node]:
 
 
 def search_layer(
-    ctx: Any,
+    ctx: PlanContext,
     plan: Plan,
     name: str,
     seg: int,

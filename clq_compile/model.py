@@ -1,0 +1,182 @@
+"""``QuantizedModel``: a rewritten graph that takes the model's own calls, owns its
+tensors, and has what diffusers pipelines read of a transformer (``config``, ``dtype``,
+``device``, ``.to(device)``), so it can replace ``pipe.transformer``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from clq_compile.capture import export_program
+from clq_compile.errors import ConfigError, InputError
+from clq_compile.plan import Plan
+from clq_compile.signature import CallSpec
+
+log = logging.getLogger(__name__)
+
+
+def _frozen(config: dict[str, Any] | None) -> Any:
+    if config is None:
+        return None
+    try:
+        from diffusers.configuration_utils import FrozenDict
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return dict(config)
+    return FrozenDict(config)
+
+
+class QuantizedModel(torch.nn.Module):
+    """The rewritten graph (``graph_module``), the ``plan`` that produced it, and the
+    model's call signature. Calls are checked before the graph runs: an input the graph
+    cannot take raises ``clq.InputError`` naming it, its captured size and the remedy."""
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        plan: Plan,
+        call_spec: CallSpec,
+        example: dict[str, Any],
+        dynamic_shapes: Any = None,
+        *,
+        config: dict[str, Any] | None = None,
+        fp_weight_bytes: int = 0,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.plan = plan
+        self.call_spec = call_spec
+        self.example = example
+        self.dynamic_shapes = dynamic_shapes
+        self.config = _frozen(config)
+        self.fp_weight_bytes = fp_weight_bytes
+        self.source = dict(source or {})  # where the model came from (class, asset)
+
+    # -- calling ---------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            call, want_dict = self.call_spec.normalize(args, kwargs)
+        except TypeError as e:
+            raise InputError(f"{self._name}: {e}") from None
+        problems = self.call_spec.problems(call)
+        if problems:
+            raise InputError(f"{self._name}: " + "; ".join(problems))
+        try:
+            with torch.no_grad():
+                out = self.graph_module(**call)
+        except (AssertionError, RuntimeError) as e:
+            msg = self.call_spec.explain(e, call)
+            if msg is None:
+                raise
+            raise InputError(f"{self._name}: {msg}") from None
+        return self.call_spec.pack(out, want_dict)
+
+    @property
+    def _name(self) -> str:
+        return f"quantized {self.source.get('class', 'model').rsplit('.', 1)[-1]}"
+
+    @property
+    def example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """One call the graph takes, as ``(args, kwargs)``."""
+        return (), dict(self.example)
+
+    # -- what pipelines read ---------------------------------------------------------
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.graph_module.parameters(), *self.graph_module.buffers()]
+
+    @property
+    def device(self) -> torch.device:
+        t = self._tensors()
+        return t[0].device if t else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the graph computes in (of its inputs, else its float tensors)."""
+        for leaf in self.call_spec.leaves:
+            if getattr(leaf, "dtype", None) is not None and leaf.dtype.is_floating_point:
+                return leaf.dtype
+        floats = [t.dtype for t in self._tensors() if t.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
+    def to(self, *args: Any, **kwargs: Any) -> QuantizedModel:
+        """Move to another device. The graph was captured in one dtype, so a dtype change
+        is refused (re-quantize the model in that dtype instead)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != self.dtype:
+            raise ConfigError(
+                f"cannot convert a quantized {self.dtype} graph to {dtype}: quantize the model "
+                f"in {dtype} instead")
+        if device is None or torch.device(device) == self.device:
+            return self
+        device = torch.device(device)
+        retarget_devices(self.graph_module, device)
+        self.graph_module.to(device)
+        self.example = pytree.tree_map(
+            lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, self.example)
+        return self
+
+    def cpu(self) -> QuantizedModel:
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None) -> QuantizedModel:
+        return self.to(torch.device("cuda" if device is None else device))
+
+    def half(self) -> QuantizedModel:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> QuantizedModel:
+        return self.to(torch.bfloat16)
+
+    def float(self) -> QuantizedModel:
+        return self.to(torch.float32)
+
+    # -- sizes, export, save ---------------------------------------------------------
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.graph_module.state_dict().values())
+
+    def exported_program(self) -> torch.export.ExportedProgram:
+        """The quantized graph as a torch.export program, same dynamic sizes as captured
+        (what ``save`` serializes and ``export_onnx`` translates)."""
+        ep = export_program(self.graph_module, dict(self.example), self.dynamic_shapes,
+                            what="the quantized graph")
+        return ep
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model to directory ``path`` (see ``clq_compile.serialize``)."""
+        from clq_compile.serialize import save
+
+        return save(self, path)
+
+    def extra_repr(self) -> str:
+        q = len(self.plan.quantized_layers())
+        n = len(self.plan.layers)
+        return f"recipe={self.plan.recipe}, bits={self.plan.spec.name}, {q}/{n} linears"
+
+
+def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:
+    """Rewrite the devices baked into the graph (``device=`` of factory ops such as
+    ``arange`` in positional and timestep embeddings) to ``device``."""
+
+    def swap(v: Any) -> Any:
+        return device if isinstance(v, torch.device) else v
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = pytree.tree_map(swap, node.args)
+        kwargs = pytree.tree_map(swap, dict(node.kwargs))
+        if args != node.args or kwargs != dict(node.kwargs):
+            node.args, node.kwargs = args, kwargs
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+__all__ = ["QuantizedModel", "retarget_devices"]

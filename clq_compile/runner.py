@@ -1,0 +1,200 @@
+"""The calibration runner: streams an analyzed graph block by block over the whole
+calibration set (the engine behind CBC, CLPS probes and per-layer measurement), and the
+``PlanContext`` every plan builder receives.
+
+The runner keeps, per calibration sample, only the values still needed by later
+segments, so peak memory is about one block's activations on the calibration set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.errors import CalibrationError
+from clq_compile.passes.blocks import SEGMENT_KEY
+from clq_compile.passes.find_linears import fetch_attr, weight_tensor
+from clq_compile.plan import LayerPlan, Plan
+from clq_compile.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+Override = Callable[[fx.Node, tuple[Any, ...], dict[str, Any], int], Any]
+
+
+class GraphRunner:
+    """Evaluates an FX graph segment by segment (``meta["clq_segment"]``) for many samples."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        nodes = list(gm.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.output = next(n for n in nodes if n.op == "output")
+        self.segments: dict[int, list[fx.Node]] = {}
+        for n in nodes:
+            if n.op not in ("placeholder", "output"):
+                self.segments.setdefault(n.meta.get(SEGMENT_KEY, -1), []).append(n)
+        self.order = sorted(self.segments)
+        # The last segment in which each value is read; the output keeps its inputs alive.
+        self.last_use: dict[fx.Node, int] = {}
+        for n in nodes:
+            for u in n.users:
+                s = 1 << 30 if u.op == "output" else u.meta.get(SEGMENT_KEY, -1)
+                self.last_use[n] = max(self.last_use.get(n, -2), s)
+        self._attrs: dict[str, Any] = {}
+        self.peak_bytes = 0  # most activation bytes held at once (CBC's memory claim)
+
+    @staticmethod
+    def held_bytes(envs: Sequence[dict[fx.Node, Any]]) -> int:
+        """Bytes of the distinct tensors (by storage) the environments hold."""
+        seen: dict[int, int] = {}
+        for env in envs:
+            for n, v in env.items():
+                if n.op == "get_attr":  # weights are not calibration activations
+                    continue
+                for t in pytree.tree_leaves(v):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    def start(self, flat_calls: Sequence[Sequence[Any]]) -> list[dict[fx.Node, Any]]:
+        envs = []
+        for flat in flat_calls:
+            if len(flat) != len(self.placeholders):
+                raise CalibrationError(
+                    f"expected {len(self.placeholders)} flat inputs, got {len(flat)}"
+                )
+            envs.append(dict(zip(self.placeholders, flat, strict=True)))
+        return envs
+
+    def _attr(self, target: str) -> Any:
+        if target not in self._attrs:
+            self._attrs[target] = fetch_attr(self.gm, target)
+        return self._attrs[target]
+
+    def _eval(self, node: fx.Node, env: dict[fx.Node, Any], i: int, override: Override | None):
+        if node.op == "get_attr":
+            return self._attr(node.target)
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if override is not None:
+            out = override(node, args, kwargs, i)
+            if out is not NotImplemented:
+                return out
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        raise RuntimeError(f"cannot evaluate node {node.name} ({node.op})")
+
+    @torch.no_grad()
+    def run_segment(
+        self,
+        seg: int,
+        envs: list[dict[fx.Node, Any]],
+        override: Override | None = None,
+        commit: bool = True,
+    ) -> list[dict[fx.Node, Any]]:
+        """Run segment ``seg`` for every sample. With ``commit`` the environments advance
+        (and values dead after this segment are freed); without, they are left as they
+        were and the segment's values are returned for inspection."""
+        produced = []
+        for i, env in enumerate(envs):
+            local = dict(env) if not commit else env
+            new = {}
+            for node in self.segments.get(seg, []):
+                local[node] = new[node] = self._eval(node, local, i, override)
+            produced.append(new)
+            if i == len(envs) - 1 or not commit:
+                self.peak_bytes = max(self.peak_bytes, self.held_bytes([*envs, local]))
+            if commit:
+                for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
+                    del env[n]
+        return produced
+
+    @torch.no_grad()
+    def probe(
+        self,
+        envs: list[dict[fx.Node, Any]],
+        start: int,
+        watch: set[fx.Node],
+        override: Override | None = None,
+        reuse: list[dict[fx.Node, Any]] | None = None,
+        dirty: set[fx.Node] | None = None,
+    ) -> dict[fx.Node, list[Any]]:
+        """Run from segment ``start`` on copies of ``envs`` until every watched node has
+        been computed; return their values per sample. ``envs`` are left untouched.
+
+        ``reuse``/``dirty``: float values of segment ``start`` per sample, and the nodes
+        that must be recomputed anyway (those downstream of the probed layer); every other
+        node of that segment is taken from ``reuse`` instead of being evaluated again.
+        """
+        seen: dict[fx.Node, list[Any]] = {n: [] for n in watch}
+        segs = self.order[self.order.index(start):]
+        for i, env0 in enumerate(envs):
+            env, left = dict(env0), set(watch)
+            for seg in segs:
+                for node in self.segments.get(seg, []):
+                    if reuse is not None and seg == start and node not in dirty:
+                        env[node] = reuse[i][node]
+                    else:
+                        env[node] = self._eval(node, env, i, override)
+                    if node in left:
+                        seen[node].append(env[node])
+                        left.discard(node)
+                        if not left:
+                            break
+                if not left:
+                    break
+                for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
+                    del env[n]
+        return seen
+
+    def outputs(self, envs: list[dict[fx.Node, Any]]) -> list[Any]:
+        return [fx.node.map_arg(self.output.args[0], env.__getitem__) for env in envs]
+
+
+@dataclass
+class PlanContext:
+    """An analyzed graph, its calibration set (flat placeholder values per call), the spec
+    and the runner over them: what every plan builder and calibration pass receives."""
+
+    gm: fx.GraphModule
+    spec: QuantSpec
+    flat_calib: list[list[Any]]
+    runner: GraphRunner
+    nodes: dict[str, fx.Node] = field(default_factory=dict)  # layer name -> linear node
+
+    def __post_init__(self) -> None:
+        self.nodes = {linear_info(n).name: n for n in annotated_linears(self.gm)}
+
+    def weight(self, name: str) -> torch.Tensor:
+        return weight_tensor(self.gm, self.nodes[name])
+
+    def bias(self, name: str) -> torch.Tensor | None:
+        node = self.nodes[name]
+        b = node.args[2] if len(node.args) > 2 else None
+        if isinstance(b, fx.Node) and b.op == "get_attr":
+            return self.runner._attr(b.target)
+        return None
+
+    def base_plan(self, recipe: str) -> Plan:
+        """One LayerPlan per linear: the spec where quantized, the reason where skipped."""
+        plan = Plan(recipe=recipe, spec=self.spec)
+        for name, node in self.nodes.items():
+            info = linear_info(node)
+            plan.layers[name] = LayerPlan(
+                name=name, role=info.role, block=info.block, in_features=info.in_features,
+                out_features=info.out_features, group=info.group,
+                spec=None if info.skip_reason else self.spec, skip_reason=info.skip_reason,
+            )
+        return plan

@@ -1,0 +1,180 @@
+"""``qm.save(dir)`` / ``clq.load(dir)``: a quantized model as three files, no pickle.
+
+- ``graph.json``: the quantized graph in torch.export's own serialization (its JSON
+  program; the ``torch.ops.clq`` ops are registered by importing clq_compile);
+- ``weights.safetensors``: every tensor the graph reads (packed int4/int8 weights,
+  scales, permutations, Hadamard blocks, full-precision layers), the plan's tensors and
+  one example call;
+- ``clq.json``: format version, the plan, the call signature, the model config, and a
+  SHA-256 of the other two files, so a corrupt or truncated file is caught on load.
+
+The directory is written under a temporary name and renamed when complete. Loading
+needs neither the model class nor calibration data, and recalibrates nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
+
+import clq_compile.ops  # noqa: F401 - the graph's clq ops must exist before deserializing
+from clq_compile.atomic import atomic_dir
+from clq_compile.capture import EXPORT_LOCK, auto_dynamic_shapes
+from clq_compile.errors import LoadError, SaveError
+from clq_compile.model import QuantizedModel
+from clq_compile.plan import Plan
+from clq_compile.signature import CallSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT = "clq_compile.quantized_model"
+VERSION = 1
+INDEX, GRAPH, WEIGHTS = "clq.json", "graph.json", "weights.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_leaves(example: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"example.{i}": t for i, t in enumerate(pytree.tree_leaves(example))
+            if isinstance(t, torch.Tensor)}
+
+
+def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
+    """Write ``qm`` to directory ``path`` (replacing it atomically if it exists)."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    ep = qm.exported_program()
+    with EXPORT_LOCK:
+        artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False,
+                             serialize_example_inputs=False)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, table in (("state_dict.", ep.state_dict), ("constants.", ep.constants)):
+        for k, v in table.items():
+            if not isinstance(v, torch.Tensor):
+                raise SaveError(0, f"could not save {path}: constant {k} is a "
+                                   f"{type(v).__name__}, not a tensor")
+            tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
+    plan_state, plan_tensors = qm.plan.to_state()
+    tensors.update({k: v.cpu().clone() for k, v in plan_tensors.items()})
+    tensors.update({k: v.detach().cpu().contiguous().clone()
+                    for k, v in _tensor_leaves(qm.example).items()})
+    params = [s.target for s in ep.graph_signature.input_specs if s.kind.name == "PARAMETER"]
+    with atomic_dir(path) as tmp:
+        (tmp / GRAPH).write_bytes(artifact.exported_program)
+        save_file(tensors, str(tmp / WEIGHTS))
+        index = {
+            "format": FORMAT, "version": VERSION,
+            "written_by": {"clq_compile": _version(), "torch": torch.__version__},
+            "files": {GRAPH: _sha256(tmp / GRAPH), WEIGHTS: _sha256(tmp / WEIGHTS)},
+            "parameters": params,
+            "call_spec": qm.call_spec.to_json(),
+            "plan": plan_state,
+            "config": None if qm.config is None else dict(qm.config),
+            "source": qm.source,
+            "fp_weight_bytes": qm.fp_weight_bytes,
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=1, default=_plain))
+    log.info("saved %s (%.1f MB) in %.2f s", path, _size(path) / 1e6, time.perf_counter() - t0)
+    return path
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple | set):
+        return list(v)
+    return str(v)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("clq-compile")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise LoadError(f"{path} is not a directory: clq.load takes the directory "
+                        "qm.save(...) wrote")
+    index_file = path / INDEX
+    if not index_file.is_file():
+        raise LoadError(f"{path} holds no {INDEX}: not a model saved by qm.save(...)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{index_file} is corrupt (not JSON: {e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise LoadError(f"{index_file} is not a clq_compile model index")
+    version = index.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise LoadError(
+            f"{path} was saved in format version {version}; this clq_compile reads "
+            f"versions up to {VERSION}: upgrade clq_compile to load it")
+    for name in (GRAPH, WEIGHTS):
+        f = path / name
+        if not f.is_file():
+            raise LoadError(f"{path} is incomplete: {name} is missing")
+        if _sha256(f) != index["files"].get(name):
+            raise LoadError(f"{f} does not match the checksum recorded when it was saved: "
+                            "the file is corrupt or truncated")
+    return index
+
+
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> QuantizedModel:
+    """A ``QuantizedModel`` from a directory written by ``qm.save`` (then moved to
+    ``device`` if given)."""
+    path = Path(path)
+    index = _read_index(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+        call_spec = CallSpec.from_json(index["call_spec"])
+        plan = Plan.from_state(index["plan"], tensors)
+        params = set(index["parameters"])
+        state = {k[len("state_dict."):]: v for k, v in tensors.items()
+                 if k.startswith("state_dict.")}
+        state = {k: torch.nn.Parameter(v, requires_grad=False) if k in params else v
+                 for k, v in state.items()}
+        consts = {k[len("constants."):]: v for k, v in tensors.items()
+                  if k.startswith("constants.")}
+        example = _example(call_spec, tensors)
+        with EXPORT_LOCK:
+            ep = deserialize(SerializedArtifact((path / GRAPH).read_bytes(), state, consts,
+                                                ((), example)))
+            gm = ep.module()
+    except LoadError:
+        raise
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:
+        raise LoadError(f"{path} is corrupt: {type(e).__name__}: {e}") from None
+    qm = QuantizedModel(gm, plan, call_spec, example, auto_dynamic_shapes(example),
+                        config=index.get("config"), fp_weight_bytes=index.get("fp_weight_bytes", 0),
+                        source=index.get("source"))
+    return qm if device is None else qm.to(device)
+
+
+def _example(spec: CallSpec, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    leaves = []
+    for i, leaf in enumerate(spec.leaves):
+        leaves.append(tensors[f"example.{i}"] if isinstance(leaf, TensorSpec) else leaf.value)
+    return pytree.tree_unflatten(leaves, spec.in_spec)
