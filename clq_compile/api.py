@@ -9,16 +9,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from clq_compile.build import build_plan, resolve
-from clq_compile.calibration import bind_calls, check_calls, check_guards, flatten_calls
-from clq_compile.capture import Captured, capture, own_tensors
-from clq_compile.errors import CaptureError, QuantizationError
+from clq_compile.build import analyze, build_plan, resolve
+from clq_compile.calibration import bind_calls, flatten_calls
+from clq_compile.capture import Captured, capture, grown_call, own_tensors, share_tensors
+from clq_compile.errors import CalibrationError, CaptureError, ConfigError, QuantizationError
 from clq_compile.model import QuantizedModel
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.rewrite import RewriteLinears
 from clq_compile.plan import Plan
 from clq_compile.recipes.base import RecipeConfig
-from clq_compile.signature import params_of
+from clq_compile.signature import Param, params_of
 from clq_compile.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -31,22 +31,80 @@ def _model_device(model: torch.nn.Module) -> torch.device | None:
                 f"{type(model).__name__}.{name} is on the meta device and holds no values: "
                 "load the weights first (e.g. load_state_dict(..., assign=True) or "
                 "from_pretrained)")
-        return t.device
-    return None
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    return None if first is None else first.device
 
 
-def capture_calls(model: torch.nn.Module, calib: Any,
-                  dynamic_shapes: Any = None) -> tuple[Captured, list[dict[str, Any]]]:
-    """Bind every call to ``model.forward``, capture the first, check all against the graph."""
+def _params(model: torch.nn.Module) -> list[Param]:
     try:
-        params = params_of(model.forward)
+        return params_of(model.forward)
     except TypeError as e:
         raise CaptureError(f"{type(model).__name__}.{e}") from None
+
+
+def _graph_for(graphs: list[Captured], call: dict[str, Any]) -> int | None:
+    return next((i for i, g in enumerate(graphs) if g.rejects(call) is None), None)
+
+
+def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
+                  ) -> tuple[list[Captured], list[dict[str, Any]]]:
+    """Bind every call to ``model.forward`` and capture graphs for them: the first call's
+    graph, plus one per size the model specializes on that a later call has (a
+    resolution its positional embedding was built for). Returns the graphs and the calls
+    the first graph takes (the calibration set); a call no graph could take for reasons
+    other than sizes (dtype, structure, constants) raises ``CalibrationError``."""
+    params = _params(model)
     calls = bind_calls(params, calib, type(model).__name__, _model_device(model))
-    captured = capture(model, params, calls[0], dynamic_shapes)
-    calls = check_calls(captured.call_spec, calls)
-    check_guards(captured.gm, captured.call_spec, calls)
-    return captured, calls
+    graphs = [capture(model, params, calls[0], dynamic_shapes)]
+    first = graphs[0].call_spec
+    kept = []
+    for i, raw in enumerate(calls):
+        call, _ = first.normalize((), raw)
+        layout = first.problems(call, sizes=False)
+        if layout:
+            raise CalibrationError(f"calibration call {i}: " + "; ".join(layout))
+        g = _graph_for(graphs, call)
+        if g is None:
+            why = graphs[0].rejects(call)
+            log.info("calibration call %d needs another graph (%s)", i, why)
+            graphs.append(capture(model, params, raw, dynamic_shapes))
+            g = len(graphs) - 1
+        if g == 0:
+            kept.append(call)
+    if len(kept) < len(calls):
+        log.warning("calibrating on the %d of %d calls the first graph takes (%s); the "
+                    "other sizes run through %d more graph(s) from the same plan",
+                    len(kept), len(calls), graphs[0].sizes(), len(graphs) - 1)
+    return graphs, kept
+
+
+def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: Any
+                  ) -> list[Captured]:
+    """Graphs for ``extra_shapes``: calls at other sizes, or "auto" (probe every dynamic
+    size doubled; capture it only if the model specializes on the captured size)."""
+    if extra_shapes is None:
+        return []
+    params = _params(model)
+    if extra_shapes == "auto":
+        probe = grown_call(graphs[0])
+        if probe is None or _graph_for(graphs, probe) is not None:
+            return []
+        try:
+            extra = capture(model, params, probe, graphs[0].dynamic_shapes)
+        except CaptureError as e:  # the model cannot run at doubled sizes: nothing to add
+            log.info("no graph for other sizes: %s", e)
+            return []
+        log.info("the model specializes on %s: a second graph takes other sizes",
+                 graphs[0].sizes())
+        return [extra]
+    if isinstance(extra_shapes, str):
+        raise ConfigError(f"option extra_shapes={extra_shapes!r} is not allowed: expected "
+                          "'auto', None or a list of calls at other sizes")
+    out: list[Captured] = []
+    for call in bind_calls(params, extra_shapes, type(model).__name__):
+        if _graph_for(graphs + out, graphs[0].call_spec.normalize((), call)[0]) is None:
+            out.append(capture(model, params, call, graphs[0].dynamic_shapes))
+    return out
 
 
 def plan_model(model: torch.nn.Module, calib: Any, recipe: str | RecipeConfig = "rtn",
@@ -57,8 +115,8 @@ def plan_model(model: torch.nn.Module, calib: Any, recipe: str | RecipeConfig = 
     was_training = model.training
     model.eval()
     try:
-        captured, calls = capture_calls(model, calib, dynamic_shapes)
-        gm = captured.gm
+        graphs, calls = capture_calls(model, calib, dynamic_shapes)
+        gm = graphs[0].gm
         plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=False)
     finally:
         model.train(was_training)
@@ -72,31 +130,44 @@ def quantize(
     bits: str | QuantSpec = "w4a4",
     dynamic_shapes: Any = None,
     measure: bool = True,
+    extra_shapes: Any = "auto",
     **options: Any,
 ) -> QuantizedModel:
-    """Quantize ``model`` through graph passes. ``calib``: an iterable of forward calls
-    (dicts of keyword arguments or tuples of positional ones), e.g. recorded with
-    ``clq.record_calls``. The model is left as it was (its weights, its training flag)."""
+    """Quantize ``model`` through graph passes.
+
+    ``calib``: an iterable of forward calls (dicts of keyword arguments or tuples of
+    positional ones), e.g. recorded with ``clq.record_calls``. Batch and every size the
+    model lets vary stay dynamic. ``extra_shapes``: calls at sizes the model specializes on
+    (e.g. other resolutions of a DiT whose positional embedding is built for one), each
+    getting its own graph from the same plan; "auto" probes doubled sizes; None: none.
+    The model is left as it was (its weights, its training flag).
+    """
     t0 = time.perf_counter()
     config, spec = resolve(recipe, bits, **options)
     was_training = model.training
     model.eval()
     try:
-        captured, calls = capture_calls(model, calib, dynamic_shapes)
+        graphs, calls = capture_calls(model, calib, dynamic_shapes)
+        graphs += _extra_graphs(model, graphs, extra_shapes)
         t1 = time.perf_counter()
-        gm = captured.gm
+        gm = graphs[0].gm
         plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure)
-        gm = PassManager([RewriteLinears(plan, weights="packed")])(gm).gm
-        own_tensors(gm)
+        for i, g in enumerate(graphs):
+            if i:
+                analyze(g.gm, spec, config)
+            g.gm = PassManager([RewriteLinears(plan, weights="packed")])(g.gm).gm
+            own_tensors(g.gm)
+            if i:
+                share_tensors(g.gm, graphs[0].gm)
     finally:
         model.train(was_training)
-    plan.meta.update(capture_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3))
+    plan.meta.update(capture_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3),
+                     graphs=len(graphs))
     log.info("quantized %d/%d linears with %s %s", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)
     cls = type(model)
     return QuantizedModel(
-        gm, plan, captured.call_spec, captured.example, captured.dynamic_shapes,
-        config=_config_of(model),
+        graphs, plan, config=_config_of(model),
         fp_weight_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values()),
         source={"class": f"{cls.__module__}.{cls.__qualname__}"},
     )
@@ -115,4 +186,4 @@ def _config_of(model: torch.nn.Module) -> dict[str, Any] | None:
         return None
 
 
-__all__ = ["QuantizedModel", "plan_model", "quantize"]
+__all__ = ["QuantizedModel", "capture_calls", "plan_model", "quantize"]

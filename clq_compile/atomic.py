@@ -14,6 +14,30 @@ from pathlib import Path
 from clq_compile.errors import SaveError
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (os.umask sets it
+    for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, is_dir: bool) -> None:
+    """Give the temporary file/dir (created private, 0600/0700) the permissions a plain
+    ``open``/``mkdir`` would have, and the same to files written inside it."""
+    mask = _umask()
+    tmp.chmod((0o777 if is_dir else 0o666) & ~mask)
+    if is_dir:
+        for f in tmp.iterdir():
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~mask)
+
+
 def _fail(path: Path, e: OSError) -> SaveError:
     err = SaveError(e.errno, f"could not write {path}: {e.strerror or e}")
     err.filename = str(path)
@@ -33,6 +57,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _publish(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
     except OSError as e:
         raise _fail(path, e) from e
@@ -55,6 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise _fail(path, e) from e
     try:
         yield tmp
+        _publish(tmp, is_dir=True)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

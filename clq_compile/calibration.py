@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 from torch.fx import _pytree as fx_pytree
 
 from clq_compile.errors import CalibrationError
-from clq_compile.signature import CallSpec, Param, bind
+from clq_compile.signature import Param, bind
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -74,33 +74,6 @@ def bind_calls(params: list[Param], calib: Any, model_name: str,
                 raise CalibrationError(f"{where} holds NaN or Inf")
         out.append(call)
     return out
-
-
-def check_calls(spec: CallSpec, calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Calls in the captured layout; CalibrationError naming the call and input the graph
-    cannot take (a size the model specializes on, a different dtype, another constant)."""
-    out = []
-    for i, call in enumerate(calls):
-        call, _ = spec.normalize((), call)
-        problems = spec.problems(call)
-        if problems:
-            raise CalibrationError(f"calibration call {i}: " + "; ".join(problems))
-        out.append(call)
-    return out
-
-
-def check_guards(gm: fx.GraphModule, spec: CallSpec, calls: Sequence[dict[str, Any]]) -> None:
-    """Run the graph's own guards on each call: sizes the model specializes on (a
-    resolution its positional embedding was built for) fail here, not mid-calibration."""
-    guards = getattr(gm, "_guards_fn", None)
-    if guards is None:
-        return
-    for i, flat in enumerate(flatten_calls(gm, calls)):
-        try:
-            guards(*flat)
-        except (AssertionError, RuntimeError) as e:
-            msg = spec.explain(e, calls[i]) or str(e)
-            raise CalibrationError(f"calibration call {i}: {msg}") from None
 
 
 def flatten_calls(gm: fx.GraphModule, calls: Sequence[dict[str, Any]]) -> list[list[Any]]:

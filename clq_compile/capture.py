@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.fx import _pytree as fx_pytree
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._sympy.numbers import int_oo
 
 from clq_compile.errors import CaptureError
@@ -32,6 +34,7 @@ from clq_compile.signature import (
     ConstSpec,
     Param,
     TensorSpec,
+    keyname,
     output_spec,
 )
 
@@ -44,10 +47,32 @@ EXPORT_LOCK = threading.RLock()
 
 @dataclass
 class Captured:
+    """One graph of a model: it takes the calls its ``call_spec`` and guards accept."""
+
     gm: fx.GraphModule
     call_spec: CallSpec
     example: dict[str, Any]  # the keyword call the graph was exported with
     dynamic_shapes: Any
+
+    def rejects(self, call: dict[str, Any]) -> str | None:
+        """Why this graph cannot take ``call`` (a keyword call in the captured layout):
+        an input's layout or size, or a guard of the model's own code; None if it can."""
+        problems = self.call_spec.problems(call)
+        if problems:
+            return "; ".join(problems)
+        guards = getattr(self.gm, "_guards_fn", None)
+        if guards is None:
+            return None
+        try:
+            guards(*fx_pytree.tree_flatten_spec(((), dict(call)), self.gm._in_spec))
+        except (AssertionError, RuntimeError) as e:
+            return self.call_spec.explain(e, call) or str(e)
+        return None
+
+    def sizes(self) -> str:
+        """The captured sizes of the tensor inputs, for messages."""
+        return ", ".join(f"{keyname(leaf.path)}={'x'.join(map(str, leaf.example))}"
+                         for leaf in self.call_spec.leaves if isinstance(leaf, TensorSpec))
 
 
 def auto_dynamic_shapes(call: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +156,7 @@ def call_spec_of(ep: torch.export.ExportedProgram, params: list[Param],
             leaves.append(ConstSpec(key, value))
             continue
         fake = vals.get(user)
-        shape = tuple(int(s) if isinstance(s, int) else str(s) for s in fake.shape)
+        shape = tuple(int(s) if is_concrete_int(s) else str(s) for s in fake.shape)
         leaves.append(TensorSpec(key, value.dtype, shape, tuple(value.shape)))
     ranges = {str(sym): (_bound(vr.lower) or 0, _bound(vr.upper))
               for sym, vr in ep.range_constraints.items()}
@@ -173,6 +198,59 @@ def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
     return Captured(gm, spec, example, dynamic_shapes)
 
 
+def grown_call(captured: Captured) -> dict[str, Any] | None:
+    """The captured example with every dynamic size except the batch doubled (each input
+    repeated along those dims), or None when there is none: a probe for sizes the model
+    specializes on (a resolution a positional embedding was built for)."""
+    spec = captured.call_spec
+    tensors = [leaf for leaf in spec.leaves if isinstance(leaf, TensorSpec)]
+    batch = next((leaf.shape[0] for leaf in tensors if len(leaf.shape) >= 2), None)
+    grow = {s for leaf in tensors for s in leaf.shape if isinstance(s, str) and s != batch}
+    if not grow:
+        return None
+    leaves, tree = pytree.tree_flatten(captured.example)
+    out = []
+    for value, leaf in zip(leaves, spec.leaves, strict=True):
+        if isinstance(leaf, TensorSpec):
+            for d, s in enumerate(leaf.shape):
+                if s in grow:
+                    value = torch.cat([value, value], dim=d)
+        out.append(value)
+    return pytree.tree_unflatten(out, tree)
+
+
+def _attr_owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    owner_name, _, leaf = target.rpartition(".")
+    return (gm.get_submodule(owner_name) if owner_name else gm), leaf
+
+
+def share_tensors(gm: fx.GraphModule, source: fx.GraphModule) -> None:
+    """Point ``gm``'s tensors at ``source``'s where both graphs hold the same tensor under
+    the same name (graphs of one model at other sizes): one copy in memory."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            theirs = source.get_parameter(node.target)
+        except AttributeError:
+            try:
+                theirs = source.get_buffer(node.target)
+            except AttributeError:
+                continue
+        owner, leaf = _attr_owner(gm, node.target)
+        mine = getattr(owner, leaf)
+        same_kind = isinstance(mine, torch.nn.Parameter) == isinstance(theirs, torch.nn.Parameter)
+        if isinstance(mine, torch.Tensor) and mine is not theirs and same_kind and \
+                mine.shape == theirs.shape and mine.dtype == theirs.dtype and \
+                torch.equal(mine, theirs):
+            if isinstance(mine, torch.nn.Parameter):
+                setattr(owner, leaf, theirs)
+            elif leaf in owner._buffers:
+                owner._buffers[leaf] = theirs
+            else:
+                setattr(owner, leaf, theirs)
+
+
 def own_tensors(gm: fx.GraphModule) -> None:
     """Replace every parameter, buffer and tensor constant the graph reads by a copy, so the
     graph no longer shares storage with the model it was captured from."""
@@ -181,8 +259,7 @@ def own_tensors(gm: fx.GraphModule) -> None:
         if node.op != "get_attr" or node.target in done:
             continue
         done.add(node.target)
-        owner_name, _, leaf = node.target.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, leaf = _attr_owner(gm, node.target)
         t = getattr(owner, leaf)
         if not isinstance(t, torch.Tensor):
             continue

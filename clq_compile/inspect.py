@@ -50,7 +50,7 @@ def summary(qm: Any) -> str:
     plan: Plan = qm.plan
     q = plan.quantized_layers()
     fp_lin = sum(lp.in_features * lp.out_features * 4 for lp in q)
-    state = qm.graph_module.state_dict()
+    state = qm.graph_module.state_dict()  # the packed weights (shared by every graph)
     q_lin = sum(t.numel() * t.element_size() for k, t in state.items()
                 if k.startswith("clq_") and (k.endswith("_w_q") or k.endswith("_w_scale")))
     total = qm.weight_bytes()

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from clq_compile.capture import export_program
+from clq_compile.capture import Captured, export_program
 from clq_compile.errors import ConfigError, InputError
 from clq_compile.plan import Plan
 from clq_compile.signature import CallSpec
@@ -32,31 +32,41 @@ def _frozen(config: dict[str, Any] | None) -> Any:
 
 
 class QuantizedModel(torch.nn.Module):
-    """The rewritten graph (``graph_module``), the ``plan`` that produced it, and the
-    model's call signature. Calls are checked before the graph runs: an input the graph
-    cannot take raises ``clq.InputError`` naming it, its captured size and the remedy."""
+    """The rewritten graph(s), the ``plan`` that produced them, and the model's call
+    signature. A model that specializes on a size (a positional embedding built for one
+    resolution) has one graph per specialization, all from the same plan; a call runs
+    through the first graph that takes it. A call no graph takes raises
+    ``clq.InputError`` naming the input, its captured size and the remedy."""
 
     def __init__(
         self,
-        graph_module: fx.GraphModule,
+        graphs: list[Captured],
         plan: Plan,
-        call_spec: CallSpec,
-        example: dict[str, Any],
-        dynamic_shapes: Any = None,
         *,
         config: dict[str, Any] | None = None,
         fp_weight_bytes: int = 0,
         source: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.graph_module = graph_module
+        self.graphs = list(graphs)
+        self.graph_modules = torch.nn.ModuleList([g.gm for g in self.graphs])
         self.plan = plan
-        self.call_spec = call_spec
-        self.example = example
-        self.dynamic_shapes = dynamic_shapes
         self.config = _frozen(config)
         self.fp_weight_bytes = fp_weight_bytes
         self.source = dict(source or {})  # where the model came from (class, asset)
+
+    # The first graph: the one calibration ran on.
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self.graphs[0].gm
+
+    @property
+    def call_spec(self) -> CallSpec:
+        return self.graphs[0].call_spec
+
+    @property
+    def example(self) -> dict[str, Any]:
+        return self.graphs[0].example
 
     # -- calling ---------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -64,18 +74,16 @@ class QuantizedModel(torch.nn.Module):
             call, want_dict = self.call_spec.normalize(args, kwargs)
         except TypeError as e:
             raise InputError(f"{self._name}: {e}") from None
-        problems = self.call_spec.problems(call)
-        if problems:
-            raise InputError(f"{self._name}: " + "; ".join(problems))
-        try:
-            with torch.no_grad():
-                out = self.graph_module(**call)
-        except (AssertionError, RuntimeError) as e:
-            msg = self.call_spec.explain(e, call)
-            if msg is None:
-                raise
-            raise InputError(f"{self._name}: {msg}") from None
-        return self.call_spec.pack(out, want_dict)
+        why = None
+        for g in self.graphs:
+            reason = g.rejects(call)
+            if reason is None:
+                with torch.no_grad():
+                    out = g.gm(**call)
+                return self.call_spec.pack(out, want_dict)
+            why = why or reason
+        sizes = "; ".join(f"[{g.sizes()}]" for g in self.graphs)
+        raise InputError(f"{self._name}: {why} (graphs captured at: {sizes})")
 
     @property
     def _name(self) -> str:
@@ -83,12 +91,12 @@ class QuantizedModel(torch.nn.Module):
 
     @property
     def example_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """One call the graph takes, as ``(args, kwargs)``."""
+        """One call the first graph takes, as ``(args, kwargs)``."""
         return (), dict(self.example)
 
     # -- what pipelines read ---------------------------------------------------------
     def _tensors(self) -> list[torch.Tensor]:
-        return [*self.graph_module.parameters(), *self.graph_module.buffers()]
+        return [*self.graph_modules.parameters(), *self.graph_modules.buffers()]
 
     @property
     def device(self) -> torch.device:
@@ -115,10 +123,11 @@ class QuantizedModel(torch.nn.Module):
         if device is None or torch.device(device) == self.device:
             return self
         device = torch.device(device)
-        retarget_devices(self.graph_module, device)
-        self.graph_module.to(device)
-        self.example = pytree.tree_map(
-            lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, self.example)
+        for g in self.graphs:
+            retarget_devices(g.gm, device)
+            g.gm.to(device)
+            g.example = pytree.tree_map(
+                lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, g.example)
         return self
 
     def cpu(self) -> QuantizedModel:
@@ -138,14 +147,18 @@ class QuantizedModel(torch.nn.Module):
 
     # -- sizes, export, save ---------------------------------------------------------
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.graph_module.state_dict().values())
+        """Bytes of the tensors the model computes with (shared between graphs once)."""
+        seen: dict[int, int] = {}
+        for t in [*self.graph_modules.parameters(), *self.graph_modules.buffers()]:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
 
-    def exported_program(self) -> torch.export.ExportedProgram:
-        """The quantized graph as a torch.export program, same dynamic sizes as captured
+    def exported_program(self, graph: int = 0) -> torch.export.ExportedProgram:
+        """Graph ``graph`` as a torch.export program, same dynamic sizes as captured
         (what ``save`` serializes and ``export_onnx`` translates)."""
-        ep = export_program(self.graph_module, dict(self.example), self.dynamic_shapes,
-                            what="the quantized graph")
-        return ep
+        g = self.graphs[graph]
+        return export_program(g.gm, dict(g.example), g.dynamic_shapes,
+                              what="the quantized graph")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model to directory ``path`` (see ``clq_compile.serialize``)."""
@@ -156,7 +169,8 @@ class QuantizedModel(torch.nn.Module):
     def extra_repr(self) -> str:
         q = len(self.plan.quantized_layers())
         n = len(self.plan.layers)
-        return f"recipe={self.plan.recipe}, bits={self.plan.spec.name}, {q}/{n} linears"
+        return (f"recipe={self.plan.recipe}, bits={self.plan.spec.name}, {q}/{n} linears, "
+                f"{len(self.graphs)} graph(s)")
 
 
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:

@@ -1,12 +1,13 @@
 """``qm.save(dir)`` / ``clq.load(dir)``: a quantized model as three files, no pickle.
 
-- ``graph.json``: the quantized graph in torch.export's own serialization (its JSON
-  program; the ``torch.ops.clq`` ops are registered by importing clq_compile);
-- ``weights.safetensors``: every tensor the graph reads (packed int4/int8 weights,
-  scales, permutations, Hadamard blocks, full-precision layers), the plan's tensors and
-  one example call;
+- ``graph_<i>.json``: each quantized graph in torch.export's own serialization (its JSON
+  program; the ``torch.ops.clq`` ops are registered by importing clq_compile); a model
+  that specializes on sizes has one graph per specialization;
+- ``weights.safetensors``: every tensor the graphs read, stored once (packed int4/int8
+  weights, scales, permutations, Hadamard blocks, full-precision layers), the plan's
+  tensors and one example call per graph;
 - ``clq.json``: format version, the plan, the call signature, the model config, and a
-  SHA-256 of the other two files, so a corrupt or truncated file is caught on load.
+  SHA-256 of every other file, so a corrupt or truncated file is caught on load.
 
 The directory is written under a temporary name and renamed when complete. Loading
 needs neither the model class nor calibration data, and recalibrates nothing.
@@ -30,7 +31,7 @@ from torch._export.serde.serialize import SerializedArtifact, deserialize, seria
 
 import clq_compile.ops  # noqa: F401 - the graph's clq ops must exist before deserializing
 from clq_compile.atomic import atomic_dir
-from clq_compile.capture import EXPORT_LOCK, auto_dynamic_shapes
+from clq_compile.capture import EXPORT_LOCK, Captured, auto_dynamic_shapes
 from clq_compile.errors import LoadError, SaveError
 from clq_compile.model import QuantizedModel
 from clq_compile.plan import Plan
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "clq_compile.quantized_model"
 VERSION = 1
-INDEX, GRAPH, WEIGHTS = "clq.json", "graph.json", "weights.safetensors"
+INDEX, WEIGHTS = "clq.json", "weights.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -51,40 +52,58 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _tensor_leaves(example: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {f"example.{i}": t for i, t in enumerate(pytree.tree_leaves(example))
-            if isinstance(t, torch.Tensor)}
+def _store(tensors: dict[str, torch.Tensor], key: str, t: torch.Tensor, graph: int) -> str:
+    """Store ``t`` under ``key`` unless another graph already stored an equal tensor
+    there (graphs of one model share their weights); returns the key used."""
+    t = t.detach().to("cpu").contiguous()
+    have = tensors.get(key)
+    if have is not None:
+        if have.dtype == t.dtype and have.shape == t.shape and torch.equal(have, t):
+            return key
+        key = f"g{graph}.{key}"
+    tensors[key] = t.clone()
+    return key
 
 
 def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
     """Write ``qm`` to directory ``path`` (replacing it atomically if it exists)."""
     path = Path(path)
     t0 = time.perf_counter()
-    ep = qm.exported_program()
-    with EXPORT_LOCK:
-        artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False,
-                             serialize_example_inputs=False)
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, table in (("state_dict.", ep.state_dict), ("constants.", ep.constants)):
-        for k, v in table.items():
-            if not isinstance(v, torch.Tensor):
-                raise SaveError(0, f"could not save {path}: constant {k} is a "
-                                   f"{type(v).__name__}, not a tensor")
-            tensors[prefix + k] = v.detach().to("cpu").contiguous().clone()
+    graphs, blobs = [], []
+    for i, g in enumerate(qm.graphs):
+        ep = qm.exported_program(i)
+        with EXPORT_LOCK:
+            blobs.append(serialize(ep, serialize_state_dict=False, serialize_constants=False,
+                                   serialize_example_inputs=False).exported_program)
+        keys: dict[str, dict[str, str]] = {"state_dict": {}, "constants": {}}
+        for kind, table in (("state_dict", ep.state_dict), ("constants", ep.constants)):
+            for k, v in table.items():
+                if not isinstance(v, torch.Tensor):
+                    raise SaveError(0, f"could not save {path}: constant {k} is a "
+                                       f"{type(v).__name__}, not a tensor")
+                keys[kind][k] = _store(tensors, f"{kind}.{k}", v, i)
+        example = {str(j): _store(tensors, f"example.{j}", t, i)
+                   for j, t in enumerate(pytree.tree_leaves(g.example))
+                   if isinstance(t, torch.Tensor)}
+        graphs.append({
+            "file": f"graph_{i}.json", "call_spec": g.call_spec.to_json(), "tensors": keys,
+            "example": example,
+            "parameters": [s.target for s in ep.graph_signature.input_specs
+                           if s.kind.name == "PARAMETER"],
+        })
     plan_state, plan_tensors = qm.plan.to_state()
     tensors.update({k: v.cpu().clone() for k, v in plan_tensors.items()})
-    tensors.update({k: v.detach().cpu().contiguous().clone()
-                    for k, v in _tensor_leaves(qm.example).items()})
-    params = [s.target for s in ep.graph_signature.input_specs if s.kind.name == "PARAMETER"]
     with atomic_dir(path) as tmp:
-        (tmp / GRAPH).write_bytes(artifact.exported_program)
+        for entry, blob in zip(graphs, blobs, strict=True):
+            (tmp / entry["file"]).write_bytes(blob)
         save_file(tensors, str(tmp / WEIGHTS))
+        files = [WEIGHTS, *(entry["file"] for entry in graphs)]
         index = {
             "format": FORMAT, "version": VERSION,
             "written_by": {"clq_compile": _version(), "torch": torch.__version__},
-            "files": {GRAPH: _sha256(tmp / GRAPH), WEIGHTS: _sha256(tmp / WEIGHTS)},
-            "parameters": params,
-            "call_spec": qm.call_spec.to_json(),
+            "files": {name: _sha256(tmp / name) for name in files},
+            "graphs": graphs,
             "plan": plan_state,
             "config": None if qm.config is None else dict(qm.config),
             "source": qm.source,
@@ -132,11 +151,14 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise LoadError(
             f"{path} was saved in format version {version}; this clq_compile reads "
             f"versions up to {VERSION}: upgrade clq_compile to load it")
-    for name in (GRAPH, WEIGHTS):
+    files = index.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files:
+        raise LoadError(f"{index_file} lists no files: it is corrupt")
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise LoadError(f"{path} is incomplete: {name} is missing")
-        if _sha256(f) != index["files"].get(name):
+        if _sha256(f) != digest:
             raise LoadError(f"{f} does not match the checksum recorded when it was saved: "
                             "the file is corrupt or truncated")
     return index
@@ -149,32 +171,30 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Q
     index = _read_index(path)
     try:
         tensors = load_file(str(path / WEIGHTS))
-        call_spec = CallSpec.from_json(index["call_spec"])
         plan = Plan.from_state(index["plan"], tensors)
-        params = set(index["parameters"])
-        state = {k[len("state_dict."):]: v for k, v in tensors.items()
-                 if k.startswith("state_dict.")}
-        state = {k: torch.nn.Parameter(v, requires_grad=False) if k in params else v
-                 for k, v in state.items()}
-        consts = {k[len("constants."):]: v for k, v in tensors.items()
-                  if k.startswith("constants.")}
-        example = _example(call_spec, tensors)
-        with EXPORT_LOCK:
-            ep = deserialize(SerializedArtifact((path / GRAPH).read_bytes(), state, consts,
-                                                ((), example)))
-            gm = ep.module()
+        graphs = [_load_graph(path, entry, tensors) for entry in index["graphs"]]
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, SafetensorError) as e:
         raise LoadError(f"{path} is corrupt: {type(e).__name__}: {e}") from None
-    qm = QuantizedModel(gm, plan, call_spec, example, auto_dynamic_shapes(example),
-                        config=index.get("config"), fp_weight_bytes=index.get("fp_weight_bytes", 0),
+    qm = QuantizedModel(graphs, plan, config=index.get("config"),
+                        fp_weight_bytes=index.get("fp_weight_bytes", 0),
                         source=index.get("source"))
     return qm if device is None else qm.to(device)
 
 
-def _example(spec: CallSpec, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    leaves = []
-    for i, leaf in enumerate(spec.leaves):
-        leaves.append(tensors[f"example.{i}"] if isinstance(leaf, TensorSpec) else leaf.value)
-    return pytree.tree_unflatten(leaves, spec.in_spec)
+def _load_graph(path: Path, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Captured:
+    call_spec = CallSpec.from_json(entry["call_spec"])
+    params = set(entry["parameters"])
+    state = {k: tensors[key] for k, key in entry["tensors"]["state_dict"].items()}
+    state = {k: torch.nn.Parameter(v, requires_grad=False) if k in params else v
+             for k, v in state.items()}
+    consts = {k: tensors[key] for k, key in entry["tensors"]["constants"].items()}
+    leaves = [tensors[entry["example"][str(j)]] if isinstance(leaf, TensorSpec) else leaf.value
+              for j, leaf in enumerate(call_spec.leaves)]
+    example = pytree.tree_unflatten(leaves, call_spec.in_spec)
+    with EXPORT_LOCK:
+        ep = deserialize(SerializedArtifact((path / entry["file"]).read_bytes(), state, consts,
+                                            ((), example)))
+        gm = ep.module()
+    return Captured(gm, call_spec, example, auto_dynamic_shapes(example))

@@ -137,7 +137,7 @@ class OutputSpec:
         return self._cls
 
 
-def _keyname(path: str) -> str:
+def keyname(path: str) -> str:
     """"['added_cond_kwargs']['resolution']" -> "added_cond_kwargs['resolution']"."""
     m = re.match(r"^\['([^']+)'\](.*)$", path)
     return f"{m.group(1)}{m.group(2)}" if m else path
@@ -167,7 +167,7 @@ class CallSpec:
             if isinstance(leaf, TensorSpec):
                 for d, s in enumerate(leaf.shape):
                     if isinstance(s, str):
-                        self.names.setdefault(s, f"{_keyname(leaf.path)} dim {d}")
+                        self.names.setdefault(s, f"{keyname(leaf.path)} dim {d}")
 
     # -- calls -----------------------------------------------------------------------
     def normalize(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict, bool]:
@@ -186,15 +186,17 @@ class CallSpec:
                 return leaf.value
         return None
 
-    def problems(self, call: Mapping[str, Any]) -> list[str]:
-        """Why the graph cannot take ``call`` (empty when it can), one line per input."""
+    def problems(self, call: Mapping[str, Any], sizes: bool = True) -> list[str]:
+        """Why the graph cannot take ``call`` (empty when it can), one line per input.
+        ``sizes=False`` checks only the layout (structure, constants, dtypes, ranks): what
+        another graph of the same model, captured at other sizes, could not fix either."""
         leaves, spec = pytree.tree_flatten(dict(call))
         if spec != self.in_spec:
             return self._structure_problems(call)
         out: list[str] = []
-        sizes: dict[str, tuple[int, str]] = {}
+        seen: dict[str, tuple[int, str]] = {}
         for value, leaf in zip(leaves, self.leaves, strict=True):
-            name = _keyname(leaf.path)
+            name = keyname(leaf.path)
             if isinstance(leaf, ConstSpec):
                 if not isinstance(value, type(leaf.value)) or value != leaf.value:
                     out.append(
@@ -206,17 +208,19 @@ class CallSpec:
                 out.append(f"input {name} is {_describe(value)}, but the graph takes a "
                            f"{leaf.dtype} tensor of shape {leaf.example}")
                 continue
-            out.extend(self._tensor_problems(name, value, leaf, sizes))
+            out.extend(self._tensor_problems(name, value, leaf, seen, sizes))
         return out
 
     def _tensor_problems(self, name: str, value: torch.Tensor, leaf: TensorSpec,
-                         sizes: dict[str, tuple[int, str]]) -> list[str]:
+                         seen: dict[str, tuple[int, str]], sizes: bool) -> list[str]:
         if value.dtype != leaf.dtype:
             return [f"input {name} is {value.dtype}, but the graph was captured with "
                     f"{leaf.dtype}: cast it to {leaf.dtype}"]
         if value.dim() != len(leaf.shape):
             return [f"input {name} has {value.dim()} dims (shape {tuple(value.shape)}), but the "
                     f"graph takes {len(leaf.shape)} (captured shape {leaf.example})"]
+        if not sizes:
+            return []
         out = []
         for d, (n, s) in enumerate(zip(value.shape, leaf.shape, strict=True)):
             n = int(n)
@@ -232,12 +236,12 @@ class CallSpec:
             if n < lo or (hi is not None and n > hi):
                 out.append(f"input {name} dim {d} is {n}, outside the range [{lo}, "
                            f"{'inf' if hi is None else hi}] the graph supports")
-            elif s in sizes and sizes[s][0] != n:
-                seen, where = sizes[s]
-                out.append(f"input {name} dim {d} is {n} but {where} is {seen}: the graph "
+            elif s in seen and seen[s][0] != n:
+                first, where = seen[s]
+                out.append(f"input {name} dim {d} is {n} but {where} is {first}: the graph "
                            "needs them equal (one dynamic size, e.g. the batch)")
             else:
-                sizes.setdefault(s, (n, f"{name} dim {d}"))
+                seen.setdefault(s, (n, f"{name} dim {d}"))
         return out
 
     def _structure_problems(self, call: Mapping[str, Any]) -> list[str]:
@@ -279,13 +283,13 @@ class CallSpec:
                 named.append(self._size_note(inp, int(d), call))
         detail = "; ".join(dict.fromkeys(n for n in named if n))
         return (f"the graph cannot take this call ({first}){': ' + detail if detail else ''}. "
-                "The model specializes on these sizes: quantize with calibration calls of "
-                "this size")
+                "The model specializes on these sizes: give clq.quantize a calibration call "
+                "(or extra_shapes=[call]) of this size")
 
     def _size_note(self, inp: str, d: int, call: Mapping[str, Any]) -> str:
         value = call.get(inp)
         leaf = next((t for t in self.leaves if isinstance(t, TensorSpec)
-                     and _keyname(t.path) == inp), None)
+                     and keyname(t.path) == inp), None)
         if not isinstance(value, torch.Tensor) or leaf is None or d >= value.dim():
             return ""
         return f"input {inp} dim {d} is {int(value.shape[d])} (captured: {leaf.example[d]})"

@@ -17,7 +17,7 @@ from tests.passes.toy import ToyDiT, toy_inputs
 def toy_gm():
     torch.manual_seed(0)
     model = ToyDiT(depth=3).eval()
-    gm = capture_calls(model, [toy_inputs()])[0].gm
+    gm = capture_calls(model, [toy_inputs()])[0][0].gm
     return analyze(gm, QuantSpec(4, 4), resolve_recipe("rtn", window=1))
 
 
@@ -78,7 +78,7 @@ def test_chain_is_downstream_within_window_in_order(toy_gm):
 
 def test_group_size_not_dividing_k_is_a_recorded_skip():
     model = ToyDiT(depth=1).eval()
-    gm = capture_calls(model, [toy_inputs()])[0].gm
+    gm = capture_calls(model, [toy_inputs()])[0][0].gm
     gm = analyze(gm, QuantSpec(4, 4, w_group=48), resolve_recipe("rtn"))
     i = infos(gm)
     assert "not divisible by the weight group size 48" in i["blocks.0.attn.to_q"].skip_reason

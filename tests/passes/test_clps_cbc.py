@@ -57,8 +57,8 @@ def test_clps_picks_the_planted_worst_downstream_layer():
 
 def _ctx(model, calls, spec=None):
     spec = spec or QuantSpec(4, 4)
-    captured, calls = capture_calls(model, calls)
-    gm = analyze(captured.gm, spec, resolve_recipe("rtn"))
+    graphs, calls = capture_calls(model, calls)
+    gm = analyze(graphs[0].gm, spec, resolve_recipe("rtn"))
     return PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
 
 
