@@ -64,10 +64,13 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
         if layout:
             raise CalibrationError(f"calibration call {i}: " + "; ".join(layout))
         g = _graph_for(graphs, call)
-        if g is None:
+        if g is None:  # another size: the model may specialize on it (another graph)
             why = graphs[0].rejects(call)
+            try:
+                graphs.append(capture(model, params, raw, dynamic_shapes))
+            except Exception as e:  # noqa: BLE001 - the model cannot take this call at all
+                raise CalibrationError(f"calibration call {i}: {why}") from e
             log.info("calibration call %d needs another graph (%s)", i, why)
-            graphs.append(capture(model, params, raw, dynamic_shapes))
             g = len(graphs) - 1
         if g == 0:
             kept.append(call)

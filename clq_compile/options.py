@@ -96,9 +96,11 @@ def grid(name: str, value: Any) -> tuple[float, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise _fail(name, value, "a non-empty sequence of clip ratios in (0, 1]")
     values = tuple(value)
-    if not values:
+    ok = bool(values) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                              and 0 < v <= 1 for v in values)
+    if not ok:
         raise _fail(name, value, "a non-empty sequence of clip ratios in (0, 1]")
-    return tuple(ratio(f"{name}[{i}]", v) for i, v in enumerate(values))
+    return tuple(float(v) for v in values)
 
 
 def names(allowed: Iterable[str]) -> Check:

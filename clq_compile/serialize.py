@@ -52,24 +52,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _store(tensors: dict[str, torch.Tensor], key: str, t: torch.Tensor, graph: int) -> str:
-    """Store ``t`` under ``key`` unless another graph already stored an equal tensor
-    there (graphs of one model share their weights); returns the key used."""
-    t = t.detach().to("cpu").contiguous()
-    have = tensors.get(key)
-    if have is not None:
-        if have.dtype == t.dtype and have.shape == t.shape and torch.equal(have, t):
-            return key
-        key = f"g{graph}.{key}"
-    tensors[key] = t.clone()
-    return key
+class _Store:
+    """Tensors to write, each distinct content once: graphs of one model share weights, the
+    plan's rotations are the graph's buffers, and every Hadamard block is the same matrix.
+    ``names`` maps every logical name to the key its content is stored under."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.names: dict[str, str] = {}
+        self._by_digest: dict[tuple, str] = {}
+
+    def add(self, name: str, t: torch.Tensor) -> str:
+        t = t.detach().to("cpu").contiguous()
+        digest = (str(t.dtype), tuple(t.shape),
+                  hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()
+                                 if t.numel() else b"").hexdigest())
+        key = self._by_digest.get(digest)
+        if key is None:
+            key = self._by_digest[digest] = name
+            self.tensors[key] = t.clone()
+        self.names[name] = key
+        return key
 
 
 def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
     """Write ``qm`` to directory ``path`` (replacing it atomically if it exists)."""
     path = Path(path)
     t0 = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {}
+    store = _Store()
     graphs, blobs = [], []
     for i, g in enumerate(qm.graphs):
         ep = qm.exported_program(i)
@@ -82,8 +92,8 @@ def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
                 if not isinstance(v, torch.Tensor):
                     raise SaveError(0, f"could not save {path}: constant {k} is a "
                                        f"{type(v).__name__}, not a tensor")
-                keys[kind][k] = _store(tensors, f"{kind}.{k}", v, i)
-        example = {str(j): _store(tensors, f"example.{j}", t, i)
+                keys[kind][k] = store.add(f"g{i}.{kind}.{k}", v)
+        example = {str(j): store.add(f"g{i}.example.{j}", t)
                    for j, t in enumerate(pytree.tree_leaves(g.example))
                    if isinstance(t, torch.Tensor)}
         graphs.append({
@@ -93,11 +103,12 @@ def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
                            if s.kind.name == "PARAMETER"],
         })
     plan_state, plan_tensors = qm.plan.to_state()
-    tensors.update({k: v.cpu().clone() for k, v in plan_tensors.items()})
+    for k, v in plan_tensors.items():
+        store.add(k, v)
     with atomic_dir(path) as tmp:
         for entry, blob in zip(graphs, blobs, strict=True):
             (tmp / entry["file"]).write_bytes(blob)
-        save_file(tensors, str(tmp / WEIGHTS))
+        save_file(store.tensors, str(tmp / WEIGHTS))
         files = [WEIGHTS, *(entry["file"] for entry in graphs)]
         index = {
             "format": FORMAT, "version": VERSION,
@@ -105,6 +116,7 @@ def save(qm: QuantizedModel, path: str | os.PathLike) -> Path:
             "files": {name: _sha256(tmp / name) for name in files},
             "graphs": graphs,
             "plan": plan_state,
+            "plan_tensors": {k: store.names[k] for k in plan_tensors},
             "config": None if qm.config is None else dict(qm.config),
             "source": qm.source,
             "fp_weight_bytes": qm.fp_weight_bytes,
@@ -171,7 +183,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Q
     index = _read_index(path)
     try:
         tensors = load_file(str(path / WEIGHTS))
-        plan = Plan.from_state(index["plan"], tensors)
+        plan = Plan.from_state(index["plan"], {k: tensors[v]
+                                               for k, v in index["plan_tensors"].items()})
         graphs = [_load_graph(path, entry, tensors) for entry in index["graphs"]]
     except LoadError:
         raise

@@ -1,5 +1,5 @@
 """Train the ShapeEval judge (shape / colour / position CNN) on generated images and write it to
-assets/shapes_judge/. Takes a couple of minutes on CPU.
+clq_compile/eval/assets/shapes_judge/. Takes a couple of minutes on CPU.
 
 Augmentation (noise, blur, brightness/contrast) makes the judge read slightly imperfect
 diffusion samples fairly; held-out accuracy is measured on clean, freshly generated images

@@ -1,5 +1,5 @@
 """Train the shapes text-to-image DiT (pixel-space PixArt) that the quality harness measures
-quantization against, and write it to assets/shapes_dit/.
+quantization against, and write it to clq_compile/eval/assets/shapes_dit/.
 
 Objective: the standard diffusers DDPMScheduler MSE on the schedule's prediction target
 (v-prediction, see shapes_model.NOISE_SCHEDULE; min-SNR-5 weighted by default; with
@@ -11,7 +11,7 @@ step, so a run is reproducible for a given device and thread count.
 
     python examples/train_shapes_dit.py              # CPU default: ~20 min on 2 cores
     python examples/train_shapes_dit.py --steps 200  # quick smoke run (writes to --out)
-    python examples/train_shapes_dit.py --init assets/shapes_dit --steps 2500  # train longer
+    python examples/train_shapes_dit.py --init clq_compile/eval/assets/shapes_dit --steps 2500  # train longer
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ one shared ``clq.transform`` per input group, and its weight from a *weight sour
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 
@@ -32,10 +33,17 @@ def _safe(name: str) -> str:
 
 
 def _const(gm: fx.GraphModule, name: str, t: torch.Tensor | None) -> fx.Node | None:
+    """A buffer holding ``t``; equal constants (every group's Hadamard block) share one."""
     if t is None:
         return None
-    gm.register_buffer(name, t.detach().clone().contiguous())
-    return gm.graph.get_attr(name)
+    t = t.detach().contiguous()
+    shared = gm.meta.setdefault("clq_consts", {})
+    key = (str(t.dtype), tuple(t.shape), t.device.type,
+           hashlib.sha256(t.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    if key not in shared or not hasattr(gm, shared[key]):
+        gm.register_buffer(name, t.clone())
+        shared[key] = name
+    return gm.graph.get_attr(shared[key])
 
 
 def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp: TransformPlan) -> fx.Node:

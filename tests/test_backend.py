@@ -96,6 +96,93 @@ def test_inplace_weight_update_is_not_stale():
     assert sqnr(ref, out) > 25.0
 
 
+def _fresh(model, x, bits="w8a8"):
+    """What a newly compiled copy of ``model`` (as it is now) returns on ``x``."""
+    copy = copy_module(model)
+    with torch.no_grad():
+        return torch.compile(copy, backend="clq", fullgraph=True, options={"bits": bits})(**x)[0]
+
+
+def copy_module(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _compiled(model, x):
+    compiled = torch.compile(model, backend="clq", fullgraph=True, options={"bits": "w8a8"})
+    with torch.no_grad():
+        before = compiled(**x)[0]
+    return compiled, before
+
+
+def test_weight_update_through_data_is_not_stale():
+    """``w.data += delta`` (PEFT merge, diffusers fuse_lora) leaves ``_version`` alone."""
+    model, inputs = tiny_pixart()
+    x = inputs(1)
+    compiled, before = _compiled(model, x)
+    lin = model.transformer_blocks[0].attn1.to_q
+    lin.weight.data += 0.5 * torch.randn_like(lin.weight)
+    with torch.no_grad():
+        out = compiled(**x)[0]
+    assert not torch.equal(out, before)
+    assert torch.equal(out, _fresh(model, x))
+
+
+def test_two_data_reassignments_are_not_stale():
+    """``w.data = new`` twice can land a fresh tensor (version 0) on an address seen
+    before, holding other values; forced here with two tensors over one numpy buffer."""
+    model, inputs = tiny_pixart()
+    x = inputs(1)
+    compiled, _ = _compiled(model, x)
+    lin = model.transformer_blocks[1].ff.net[2]
+    buf = torch.randn_like(lin.weight).numpy()
+    outs = []
+    for _ in range(2):
+        lin.weight.data = torch.from_numpy(buf)  # same address, a new version counter
+        with torch.no_grad():
+            outs.append(compiled(**x)[0])
+        assert torch.equal(outs[-1], _fresh(model, x))
+        buf *= 2.0  # what a reused address holds next time: other values
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_load_state_dict_is_not_stale():
+    model, inputs = tiny_pixart()
+    x = inputs(1)
+    compiled, before = _compiled(model, x)
+    other, _ = tiny_pixart(seed=3)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        out = compiled(**x)[0]
+    assert not torch.equal(out, before)
+    assert torch.equal(out, _fresh(model, x))
+
+
+def test_peft_lora_fuse_is_not_stale():
+    """A real PEFT LoRA on the compiled model, merged into the base weights."""
+    peft = pytest.importorskip("peft", reason="peft is a dev dependency; run pip install -e .[dev]")
+    model, inputs = tiny_pixart()
+    x = inputs(1)
+    from peft.tuners.lora import LoraLayer
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "ff.net.2"],
+                             init_lora_weights=False)
+    model = peft.inject_adapter_in_model(config, model)
+    compiled, _ = _compiled(model, x)
+    with torch.no_grad():
+        unfused = model(**x)[0]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    for m in layers:
+        m.merge()  # PEFT's own merge: base_layer.weight.data += B·A·scale
+    with torch.no_grad():
+        fused = model(**x)[0]
+        out = compiled(**x)[0]
+    assert torch.allclose(fused, unfused, atol=1e-4)  # fusing keeps the float function
+    assert sqnr(fused, out) > 30  # and the compiled model follows it
+
+
 def test_regional_compilation_uses_each_blocks_weights(monkeypatch):
     """One compiled graph serves every block; results must equal whole-model RTN."""
     calls, counting = _count_backend_calls(monkeypatch)

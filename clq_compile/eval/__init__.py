@@ -10,6 +10,7 @@ from clq_compile.eval.harness import (
     CastTransformer,
     MethodResult,
     Report,
+    calibration_calls,
     evaluate,
     output_sqnr,
     prompts,
@@ -30,8 +31,8 @@ from clq_compile.eval.shapes_model import (
 
 __all__ = [
     "CaptionEncoder", "CastTransformer", "MethodResult", "Report", "ShapeJudge", "accuracy",
-    "build_transformer", "caption", "evaluate", "generate", "load_config", "load_judge",
-    "load_shapes_dit", "make_scheduler", "output_sqnr", "parse_caption", "prompts", "psnr_db",
-    "quantize_methods", "record_calibration", "render", "sample", "save_grid", "sqnr_db",
-    "tokenize",
+    "build_transformer", "calibration_calls", "caption", "evaluate", "generate", "load_config",
+    "load_judge", "load_shapes_dit", "make_scheduler", "output_sqnr", "parse_caption",
+    "prompts", "psnr_db", "quantize_methods", "record_calibration", "render", "sample",
+    "save_grid", "sqnr_db", "tokenize",
 ]

@@ -158,6 +158,24 @@ def _finite(x: float) -> float | None:
     return None if math.isinf(x) or math.isnan(x) else x
 
 
+def spread_steps(steps: int, n: int = 5) -> list[int]:
+    """``n`` sampling steps spread evenly over a trajectory of ``steps``."""
+    return sorted({round(i * (steps - 1) / (n - 1)) for i in range(n)})
+
+
+def calibration_calls(transformer: torch.nn.Module, encoder: CaptionEncoder, n_prompts: int = 8,
+                      seed: int = 0, *, steps: int = DEFAULT_STEPS,
+                      at_steps: Sequence[int] | None = None,
+                      guidance_scale: float = DEFAULT_GUIDANCE,
+                      batch_size: int = 32) -> list[dict[str, Any]]:
+    """The shapes DiT's calibration set: its real inputs while sampling ``n_prompts``
+    prompts (disjoint from the evaluation prompts of ``seed``) at ``at_steps``."""
+    captions, seeds, _ = prompts(n_prompts, seed + 1)
+    return record_calibration(transformer, encoder, captions, seeds,
+                              at_steps=spread_steps(steps) if at_steps is None else at_steps,
+                              steps=steps, guidance_scale=guidance_scale, batch_size=batch_size)
+
+
 def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: ShapeJudge,
              methods: Mapping[MethodKey, Factory] | None = None, *, n_samples: int = 64,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -172,12 +190,11 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
     picks the grid's columns after FP (default: every method).
     """
     captions, seeds, labels = prompts(n_samples, seed)
-    calib_captions, calib_seeds, _ = prompts(n_calib_prompts, seed + 1)
     if calib_steps is None:
-        calib_steps = sorted({round(i * (steps - 1) / 4) for i in range(5)})
-    calib = record_calibration(transformer, encoder, calib_captions, calib_seeds,
-                               at_steps=calib_steps, steps=steps, guidance_scale=guidance_scale,
-                               batch_size=batch_size)
+        calib_steps = spread_steps(steps)
+    calib = calibration_calls(transformer, encoder, n_calib_prompts, seed, steps=steps,
+                              at_steps=calib_steps, guidance_scale=guidance_scale,
+                              batch_size=batch_size)
     # Held-out transformer inputs: recorded from FP sampling of the evaluation prompts.
     held_out: list[dict[str, Any]] = []
     keep = set(calib_steps)

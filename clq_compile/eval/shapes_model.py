@@ -22,7 +22,8 @@ from clq_compile.eval.shapes_data import CAPTION_LEN, IMAGE_SIZE, VOCAB, tokeniz
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+# Shipped as package data, so an installed (not editable) clq_compile finds them too.
+ASSETS = Path(__file__).resolve().parent / "assets"
 DIT_DIR = ASSETS / "shapes_dit"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
