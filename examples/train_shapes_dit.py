@@ -11,7 +11,7 @@ step, so a run is reproducible for a given device and thread count.
 
     python examples/train_shapes_dit.py              # CPU default: ~20 min on 2 cores
     python examples/train_shapes_dit.py --steps 200  # quick smoke run (writes to --out)
-    python examples/train_shapes_dit.py --init clq_compile/eval/assets/shapes_dit --steps 2500  # train longer
+    python examples/train_shapes_dit.py --init clq_compile/eval/assets/shapes_dit --steps 2500
 """
 
 from __future__ import annotations
