@@ -67,7 +67,7 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
         if g is None:  # another size: the model may specialize on it (another graph)
             why = graphs[0].rejects(call)
             try:
-                graphs.append(capture(model, params, raw, dynamic_shapes))
+                graphs.append(capture(model, params, raw, dynamic_shapes, like=graphs[0]))
             except Exception as e:  # noqa: BLE001 - the model cannot take this call at all
                 raise CalibrationError(f"calibration call {i}: {why}") from e
             log.info("calibration call %d needs another graph (%s)", i, why)
@@ -93,7 +93,7 @@ def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: 
         if probe is None or _graph_for(graphs, probe) is not None:
             return []
         try:
-            extra = capture(model, params, probe, graphs[0].dynamic_shapes)
+            extra = capture(model, params, probe, graphs[0].dynamic_shapes, like=graphs[0])
         except CaptureError as e:  # the model cannot run at doubled sizes: nothing to add
             log.info("no graph for other sizes: %s", e)
             return []
@@ -106,7 +106,7 @@ def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: 
     out: list[Captured] = []
     for call in bind_calls(params, extra_shapes, type(model).__name__):
         if _graph_for(graphs + out, graphs[0].call_spec.normalize((), call)[0]) is None:
-            out.append(capture(model, params, call, graphs[0].dynamic_shapes))
+            out.append(capture(model, params, call, graphs[0].dynamic_shapes, like=graphs[0]))
     return out
 
 

@@ -27,6 +27,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._sympy.numbers import int_oo
 
+from clq_compile.digest import content_key
 from clq_compile.errors import CaptureError
 from clq_compile.signature import (
     RETURN_DICT,
@@ -120,6 +121,12 @@ def _behaves_as_two_copies(model: torch.nn.Module, call: dict, doubled: dict) ->
     return True
 
 
+def _batch_symbol(captured: Captured) -> str | None:
+    tensors = [t for t in captured.call_spec.leaves if isinstance(t, TensorSpec)]
+    first = next((t for t in tensors if len(t.shape) >= 2), None)
+    return first.shape[0] if first is not None and isinstance(first.shape[0], str) else None
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -172,19 +179,24 @@ def _bound(x: Any) -> int | None:
 
 
 def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
-            dynamic_shapes: Any = None) -> Captured:
-    """Export ``model(**call)`` (a call bound by :func:`clq_compile.signature.bind`)."""
+            dynamic_shapes: Any = None, like: Captured | None = None) -> Captured:
+    """Export ``model(**call)`` (a call bound by :func:`clq_compile.signature.bind`).
+    ``like``: a graph of the same model already captured; its output class is reused, so
+    a call at other (possibly large) sizes never runs the model for real."""
     call = dict(call)
-    out_spec = None
+    out_spec = None if like is None else like.call_spec.output
     if RETURN_DICT in call:
-        with torch.no_grad():
-            out_spec = output_spec(model(**{**call, RETURN_DICT: True}))
+        if like is None:
+            with torch.no_grad():
+                out_spec = output_spec(model(**{**call, RETURN_DICT: True}))
         call[RETURN_DICT] = False
     example = call
     if dynamic_shapes is None:
         if batch_size(call) == 1:
             doubled = _doubled(call)
-            if _behaves_as_two_copies(model, call, doubled):
+            # ``like`` with a dynamic batch already showed the model treats rows apart
+            if (_batch_symbol(like) if like is not None
+                    else _behaves_as_two_copies(model, call, doubled)):
                 example = doubled
             else:
                 log.warning("calibration batch is 1 and the inputs do not double as a batch: "
@@ -204,8 +216,13 @@ def grown_call(captured: Captured) -> dict[str, Any] | None:
     specializes on (a resolution a positional embedding was built for)."""
     spec = captured.call_spec
     tensors = [leaf for leaf in spec.leaves if isinstance(leaf, TensorSpec)]
-    batch = next((leaf.shape[0] for leaf in tensors if len(leaf.shape) >= 2), None)
-    grow = {s for leaf in tensors for s in leaf.shape if isinstance(s, str) and s != batch}
+    batch = _batch_symbol(captured)
+    first = next((t for t in tensors if len(t.shape) >= 2), None)
+    # a mask or timestep may carry the batch under its own symbol: every leading dim of
+    # the batch's size is the batch
+    batches = {batch} | {t.shape[0] for t in tensors if first is not None and t.shape
+                         and isinstance(t.shape[0], str) and t.example[0] == first.example[0]}
+    grow = {s for leaf in tensors for s in leaf.shape if isinstance(s, str)} - batches
     if not grow:
         return None
     leaves, tree = pytree.tree_flatten(captured.example)
@@ -253,8 +270,10 @@ def share_tensors(gm: fx.GraphModule, source: fx.GraphModule) -> None:
 
 def own_tensors(gm: fx.GraphModule) -> None:
     """Replace every parameter, buffer and tensor constant the graph reads by a copy, so the
-    graph no longer shares storage with the model it was captured from."""
+    graph no longer shares storage with the model it was captured from; tensors with equal
+    contents share one copy."""
     done: set[str] = set()
+    copies: dict[tuple, torch.Tensor] = {}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or node.target in done:
             continue
@@ -263,7 +282,8 @@ def own_tensors(gm: fx.GraphModule) -> None:
         t = getattr(owner, leaf)
         if not isinstance(t, torch.Tensor):
             continue
-        copy = t.detach().clone()
+        key = (*content_key(t), t.device.type)
+        copy = copies.setdefault(key, t.detach().clone())
         if isinstance(t, torch.nn.Parameter):
             setattr(owner, leaf, torch.nn.Parameter(copy, requires_grad=False))
         elif leaf in owner._buffers:

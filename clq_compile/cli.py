@@ -75,12 +75,14 @@ def _source_checkpoint(qm: Any, path: Path) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import clq_compile as clq
+    from clq_compile.build import resolve
     from clq_compile.eval import calibration_calls
     from clq_compile.qlinear import sqnr
 
     t0 = time.perf_counter()
-    transformer, encoder = _shapes_dit(args.checkpoint)
     options = {**(FAST if args.budget == "fast" else {}), **_options(args.option)}
+    resolve(args.recipe, args.bits, **options)  # a bad option fails before any sampling
+    transformer, encoder = _shapes_dit(args.checkpoint)
     log.info("recording calibration: %d prompts x %d steps", args.calib_prompts, args.calib_steps)
     at = sorted({round(i * (args.steps - 1) / max(args.calib_steps - 1, 1))
                  for i in range(args.calib_steps)})

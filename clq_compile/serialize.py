@@ -32,6 +32,7 @@ from torch._export.serde.serialize import SerializedArtifact, deserialize, seria
 import clq_compile.ops  # noqa: F401 - the graph's clq ops must exist before deserializing
 from clq_compile.atomic import atomic_dir
 from clq_compile.capture import EXPORT_LOCK, Captured, auto_dynamic_shapes
+from clq_compile.digest import content_key
 from clq_compile.errors import LoadError, SaveError
 from clq_compile.model import QuantizedModel
 from clq_compile.plan import Plan
@@ -64,9 +65,7 @@ class _Store:
 
     def add(self, name: str, t: torch.Tensor) -> str:
         t = t.detach().to("cpu").contiguous()
-        digest = (str(t.dtype), tuple(t.shape),
-                  hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                                 if t.numel() else b"").hexdigest())
+        digest = content_key(t)
         key = self._by_digest.get(digest)
         if key is None:
             key = self._by_digest[digest] = name
@@ -182,7 +181,10 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Q
     path = Path(path)
     index = _read_index(path)
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        # Copies at fresh, aligned addresses: safetensors' tensors are views at the file's
+        # byte offsets, and CPU kernels may vectorize differently on unaligned data (1 ulp
+        # apart from the saved model's outputs).
+        tensors = {k: v.clone() for k, v in load_file(str(path / WEIGHTS)).items()}
         plan = Plan.from_state(index["plan"], {k: tensors[v]
                                                for k, v in index["plan_tensors"].items()})
         graphs = [_load_graph(path, entry, tensors) for entry in index["graphs"]]

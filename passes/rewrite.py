@@ -10,7 +10,6 @@ one shared ``clq.transform`` per input group, and its weight from a *weight sour
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.digest import content_key
 from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.plan import LayerPlan, Plan, TransformPlan
@@ -38,8 +38,7 @@ def _const(gm: fx.GraphModule, name: str, t: torch.Tensor | None) -> fx.Node | N
         return None
     t = t.detach().contiguous()
     shared = gm.meta.setdefault("clq_consts", {})
-    key = (str(t.dtype), tuple(t.shape), t.device.type,
-           hashlib.sha256(t.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest())
+    key = (*content_key(t), t.device.type)
     if key not in shared or not hasattr(gm, shared[key]):
         gm.register_buffer(name, t.clone())
         shared[key] = name

@@ -188,7 +188,8 @@ def test_regional_compilation_uses_each_blocks_weights(monkeypatch):
     calls, counting = _count_backend_calls(monkeypatch)
     model, inputs = tiny_pixart(layers=4)
     x = inputs(3)
-    whole = clq.quantize(model, [x], recipe="rtn", bits="w4a4", measure=False)
+    whole = clq.quantize(model, [x], recipe="rtn", bits="w4a4", measure=False,
+                         extra_shapes=None)
     with torch.no_grad():
         expect = whole(**x)[0]
         for blk in model.transformer_blocks:
@@ -222,7 +223,8 @@ def test_clq_recipe_through_backend_matches_quantize():
         out = torch.compile(model, backend="clq", fullgraph=True,
                             options={"recipe": "clq", "bits": "w4a4", "calib": calib,
                                      **opts})(**inputs(9))[0]
-    qm = clq.quantize(model, calib, recipe="clq", bits="w4a4", measure=False, **opts)
+    qm = clq.quantize(model, calib, recipe="clq", bits="w4a4", measure=False, extra_shapes=None,
+                      **opts)
     assert torch.equal(out, qm(**inputs(9))[0])
 
 

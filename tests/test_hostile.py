@@ -32,7 +32,8 @@ def _out(qm, x):
 
 def test_quantized_model_shares_no_storage_with_the_model():
     model, inputs = tiny_pixart()
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False)
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
+                      extra_shapes=None)
     theirs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     ours = {t.untyped_storage().data_ptr() for t in [*qm.parameters(), *qm.buffers()]}
     assert not theirs & ours
@@ -40,7 +41,8 @@ def test_quantized_model_shares_no_storage_with_the_model():
 
 def test_load_state_dict_into_the_model_leaves_qm_unchanged():
     model, inputs = tiny_pixart()
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False)
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
+                      extra_shapes=None)
     before = _out(qm, inputs(3))
     other, _ = tiny_pixart(seed=7)
     model.load_state_dict(other.state_dict())
@@ -52,7 +54,8 @@ def test_load_state_dict_into_the_model_leaves_qm_unchanged():
 
 def test_batch_one_calibration_keeps_batch_dynamic(tmp_path):
     model, inputs = tiny_pixart()
-    qm = clq.quantize(model, [inputs(0, b=1)], recipe="rtn", bits="w8a8", measure=False)
+    qm = clq.quantize(model, [inputs(0, b=1)], recipe="rtn", bits="w8a8", measure=False,
+                      extra_shapes=None)
     for b in (1, 2, 3):
         x = inputs(4, b=b)
         with torch.no_grad():
@@ -71,7 +74,7 @@ def test_batch_one_calibration_keeps_batch_dynamic(tmp_path):
 def test_skip_roles_as_one_string_is_one_role(pixart):
     model, inputs = pixart
     qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
-                      skip_roles="embed")
+                      skip_roles="embed", extra_shapes=None)
     roles = {lp.role for lp in qm.plan.layers.values() if not lp.quantized}
     assert roles == {"embed"}
     assert all(lp.quantized for lp in qm.plan.layers.values() if lp.role == "final")
@@ -87,7 +90,8 @@ def test_misspelled_role_is_a_config_error(pixart):
 def test_group_sizes_that_fit_no_layer_warn_and_show_in_inspect(pixart, opt, caplog):
     model, inputs = pixart
     with caplog.at_level(logging.WARNING, logger="clq_compile"):
-        qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False, **opt)
+        qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
+                          extra_shapes=None, **opt)
     assert not qm.plan.quantized_layers()
     assert any("no linear quantized" in r.getMessage() and "not divisible" in r.getMessage()
                for r in caplog.records)
@@ -103,7 +107,8 @@ def test_activation_group_with_weight_only_bits_is_a_config_error(pixart):
 def test_weight_only_layers_ignore_activation_groups_in_bits(pixart):
     """A QuantSpec carrying an activation group with a_bits=16 must not skip layers."""
     model, inputs = pixart
-    qm = clq.quantize(model, [inputs(0)], bits=clq.QuantSpec(4, 16, 0, 0), measure=False)
+    qm = clq.quantize(model, [inputs(0)], bits=clq.QuantSpec(4, 16, 0, 0), measure=False,
+                      extra_shapes=None)
     assert len(qm.plan.quantized_layers()) == 20
 
 
@@ -149,7 +154,7 @@ def test_every_option_is_validated_where_it_enters(pixart, recipe, opt):
 def test_explicit_zero_group_overrides_the_spec(pixart):
     model, inputs = pixart
     qm = clq.quantize(model, [inputs(0)], bits=clq.QuantSpec(4, 4, 64, 0), w_group=0,
-                      measure=False)
+                      measure=False, extra_shapes=None)
     assert qm.plan.spec.w_group == 0
     assert all(lp.spec.w_group == 0 for lp in qm.plan.quantized_layers())
 

@@ -9,7 +9,7 @@ from clq_compile.testing import tiny_pixart
 def test_inspect_rows_and_summary():
     model, inputs = tiny_pixart()
     qm = clq.quantize(model, [inputs(0), inputs(1)], recipe="clq", bits="w4a4",
-                      w_grid=(1.0, 0.9), a_grid=(1.0, 0.9))
+                      w_grid=(1.0, 0.9), a_grid=(1.0, 0.9), extra_shapes=None)
     text = clq.inspect(qm)
     lines = text.splitlines()
     assert len(lines) == 2 + len(qm.plan.layers) + 1  # header, rule, rows, summary

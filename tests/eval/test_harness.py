@@ -19,7 +19,7 @@ def report(tmp_path_factory):
     methods = {
         ("bf16", "bf16"): lambda calib: CastTransformer(transformer, torch.bfloat16),
         ("rtn", "w8a8"): lambda calib: clq.quantize(transformer, calib, recipe="rtn",
-                                                    bits="w8a8"),
+                                                    bits="w8a8", extra_shapes=None),
         ("fp again", "fp32"): lambda calib: transformer,
     }
     out = tmp_path_factory.mktemp("quality")

@@ -24,6 +24,7 @@ def test_clq_w4a4_beats_rtn(name):
         ref = torch.cat([model(**x)[0] for x in held_out])
     db = {}
     for recipe in ("rtn", "clq"):
-        qm = clq.quantize(model, calib, recipe=recipe, bits="w4a4", measure=False)
+        qm = clq.quantize(model, calib, recipe=recipe, bits="w4a4", measure=False,
+                          extra_shapes=None)
         db[recipe] = sqnr(ref, torch.cat([qm(**x)[0] for x in held_out]))
     assert db["clq"] > db["rtn"] + 1.0, db

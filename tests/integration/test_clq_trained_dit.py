@@ -38,7 +38,7 @@ def test_clq_w4a4_beats_rtn_on_trained_dit(dit_calls):
     db = {}
     for recipe, options in (("rtn", {}), ("clq", {"clps_samples": 2})):
         qm = clq.quantize(transformer, calib, recipe=recipe, bits="w4a4", measure=False,
-                          **options)
+                          extra_shapes=None, **options)
         with torch.no_grad():
             db[recipe] = sqnr(ref, torch.cat([qm(**x)[0] for x in held_out]))
     assert db["clq"] > db["rtn"] + MARGIN_DB, db

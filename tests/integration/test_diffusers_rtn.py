@@ -24,7 +24,8 @@ def model_and_inputs(request):
 @pytest.mark.parametrize("bits", sorted(FLOORS))
 def test_rtn_quality_and_node_count(model_and_inputs, bits):
     model, inputs = model_and_inputs
-    qm = clq.quantize(model, [inputs(i) for i in range(3)], recipe="rtn", bits=bits)
+    qm = clq.quantize(model, [inputs(i) for i in range(3)], recipe="rtn", bits=bits,
+                      extra_shapes=None)
     held_out = inputs(7)
     with torch.no_grad():
         ref = model(**held_out)[0]
@@ -40,7 +41,8 @@ def test_rtn_quality_and_node_count(model_and_inputs, bits):
 
 def test_dynamic_batch(model_and_inputs):
     model, inputs = model_and_inputs
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w8a8", measure=False)
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w8a8", measure=False,
+                      extra_shapes=None)
     x3 = inputs(5, b=3)
     with torch.no_grad():
         ref = model(**x3)[0]
@@ -50,7 +52,8 @@ def test_dynamic_batch(model_and_inputs):
 
 def test_fp_weights_are_dropped_for_quantized_layers(model_and_inputs):
     model, inputs = model_and_inputs
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False)
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
+                      extra_shapes=None)
     assert qm.weight_bytes() < qm.fp_weight_bytes
     text = clq.inspect(qm)
     for lp in qm.plan.layers.values():

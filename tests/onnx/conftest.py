@@ -46,7 +46,7 @@ def export_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Case]
         if qkey not in quantized:
             model, inputs = TINY_MODELS[arch](batch=2)
             qm = clq.quantize(model, [inputs(0), inputs(1)], recipe="rtn", bits=bits,
-                              measure=False, **options)
+                              measure=False, extra_shapes=None, **options)
             quantized[qkey] = (qm, model, inputs)
         key = (*qkey, target)
         if key not in cases:

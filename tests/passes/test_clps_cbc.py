@@ -102,7 +102,8 @@ def _interpret_inputs(qm, layer_names, calls):
 
 def test_cbc_feeds_the_quantized_prefix():
     model, calls, seen = _block_inputs("all")
-    qm = clq.quantize(model, calls, recipe="rtn", bits="w4a4", measure=False)
+    qm = clq.quantize(model, calls, recipe="rtn", bits="w4a4", measure=False,
+                      extra_shapes=None)
     names = [f"blocks.{b}.attn.to_q" for b in range(3)]
     expect = _interpret_inputs(qm, set(names), calls)
     for b in range(3):

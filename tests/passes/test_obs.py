@@ -70,7 +70,8 @@ def test_rotation_only_leaves_output_unchanged(factory, recipe, opts):
 
 def test_shared_input_layers_share_one_transform_node():
     model, inputs = tiny_pixart()
-    qm = clq.quantize(model, [inputs(0)], recipe="clq", bits="w4a4", clps=False)
+    qm = clq.quantize(model, [inputs(0)], recipe="clq", bits="w4a4", clps=False,
+                      extra_shapes=None)
     transforms = [n for n in qm.graph_module.graph.nodes
                   if n.target == torch.ops.clq.transform.default]
     groups = {lp.group for lp in qm.plan.quantized_layers()}
@@ -97,7 +98,7 @@ def test_clq_percentile_option_builds_a_working_model():
     model, inputs = tiny_pixart()
     calib, held = [inputs(i) for i in range(3)], inputs(10)
     qm = clq.quantize(model, calib, recipe="clq", bits="w4a8", percentile=0.999, clps=False,
-                      measure=False)
+                      measure=False, extra_shapes=None)
     with torch.no_grad():
         ref, out = model(**held)[0], qm(**held)[0]
     # W4A8 on the random-weight tiny PixArt measures ~34 dB; a wrong permutation or a

@@ -1,0 +1,110 @@
+"""The ``clq`` command line, verb by verb, on a one-block shapes-DiT checkpoint written
+here (the committed one works the same, only slower)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clq_compile.cli import main
+
+VERBS = ["quantize", "inspect", "export-onnx", "sample", "eval"]
+
+
+@pytest.mark.parametrize("verb", [None, *VERBS])
+def test_help_of_every_verb(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"] if verb is None else [verb, "--help"])
+    assert e.value.code == 0
+    assert "usage: clq" in capsys.readouterr().out
+
+
+def test_python_dash_m_and_console_script_are_the_same_cli():
+    res = subprocess.run([sys.executable, "-m", "clq_compile", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "export-onnx" in res.stdout
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "clq"]
+    assert script.value == "clq_compile.cli:main"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from clq_compile.eval import CaptionEncoder, build_transformer
+    from clq_compile.eval.shapes_model import save_shapes_dit
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt")
+    transformer = build_transformer(num_layers=1, num_attention_heads=2, attention_head_dim=32,
+                                    cross_attention_dim=64, caption_channels=32)
+    save_shapes_dit(path, transformer, CaptionEncoder(caption_channels=32), {"note": "test"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def quantized(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "model"
+    code = main(["--threads", "2", "quantize", "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--budget", "fast", "--calib-prompts", "2", "--calib-steps", "2", "--steps", "4",
+                 "-o", "window=1"])
+    assert code == 0
+    return out
+
+
+def test_quantize_saves_a_loadable_model(quantized, capsys):
+    import clq_compile as clq
+
+    qm = clq.load(quantized)
+    assert qm.plan.recipe == "clq" and qm.plan.spec.name == "w4a4"
+    assert qm.source["checkpoint"].endswith("ckpt0")
+
+
+def test_inspect(quantized, capsys):
+    assert main(["inspect", str(quantized)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_blocks.0.attn1.to_q" in out and "linears quantized" in out
+
+
+def test_export_onnx(quantized, tmp_path, capsys):
+    assert main(["export-onnx", str(quantized), str(tmp_path / "m.onnx"), "--target",
+                 "ort-cpu"]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert "target ort-cpu" in capsys.readouterr().out
+
+
+def test_sample_writes_fp_beside_quantized(quantized, tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(quantized), "--prompt", "red circle top-left", "--seeds", "2",
+                 "--steps", "4", "--out", str(png)]) == 0
+    assert Image.open(png).size[1] > 2 * 96  # two rows of samples under the header
+    assert "FP beside clq w4a4" in capsys.readouterr().out
+
+
+def test_eval_reports_the_harness_metrics(quantized, tmp_path, capsys):
+    assert main(["eval", str(quantized), "--samples", "4", "--steps", "4", "--out",
+                 str(tmp_path / "ev")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) == {"shapeeval", "fp_agreement", "psnr_db", "sqnr_db"}
+    assert (tmp_path / "ev" / "results.json").exists()
+
+
+def test_bad_option_is_a_clear_error(checkpoint, tmp_path, capsys):
+    code = main(["quantize", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"),
+                 "-o", "window=-2", "--calib-prompts", "1", "--calib-steps", "1", "--steps", "2"])
+    assert code == 2
+    assert "option window=-2 is not allowed" in capsys.readouterr().err
+
+
+def test_sample_of_a_model_not_from_a_shapes_checkpoint(tmp_path, capsys):
+    import clq_compile as clq
+    from clq_compile.testing import tiny_pixart
+
+    model, inputs = tiny_pixart()
+    clq.quantize(model, [inputs(0)], bits="w8a8", extra_shapes=None).save(tmp_path / "p")
+    assert main(["sample", str(tmp_path / "p"), "--prompt", "red circle top-left"]) == 2
+    assert "was not quantized from a shapes-DiT checkpoint" in capsys.readouterr().err
