@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from clq_compile.build import build_plan, resolve
 from clq_compile.calibration import as_calls
-from clq_compile.errors import CalibrationError
+from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.rewrite import RewriteLinears
 
@@ -90,6 +90,11 @@ def clq_backend(
     bits = opts.pop("bits", "w4a4")
     calib = opts.pop("calib", None)
     config, spec = resolve(recipe, bits, **opts)
+    if config.weights != "rtn":
+        raise ConfigError(
+            f"option weights={config.weights!r} solves weights against calibration data once; "
+            "the clq backend re-packs whatever weight arrives at call time, so it only rounds "
+            "to nearest: use clq.quantize(...) for weights='gptq'")
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):
@@ -99,7 +104,7 @@ def clq_backend(
         calls = [kw for _, kw in as_calls(calib)]
         flat = _flat_calib(gm, example_inputs, calls)
     if flat is None:
-        if config.needs_calibration:
+        if config.calibrates:
             raise CalibrationError(
                 f"recipe {config.name!r} needs calibration inputs that match this graph; pass "
                 "options={'calib': [forward kwargs, ...]} and compile the whole model"

@@ -26,6 +26,7 @@ from clq_compile.plan import Plan
 from clq_compile.qlinear import sqnr_db
 from clq_compile.recipes import handler, resolve_recipe
 from clq_compile.recipes.base import RecipeConfig
+from clq_compile.rounding import solve_gptq
 from clq_compile.runner import GraphRunner, PlanContext
 from clq_compile.spec import QuantSpec, parse_bits
 
@@ -80,6 +81,8 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
     ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm))
     t1 = time.perf_counter()
     plan = handler(config)(ctx, config)
+    if config.weights == "gptq":
+        solve_gptq(ctx, plan, config.damp, config.act_order)
     t2 = time.perf_counter()
     if measure:
         measure_layers(ctx, plan)

@@ -22,6 +22,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from clq_compile.annotations import linear_info
+from clq_compile.gptq import Hessian
 from clq_compile.overrides import PlanOverride
 from clq_compile.plan import Plan
 from clq_compile.runner import PlanContext
@@ -37,6 +38,7 @@ class GroupStats:
 
     absmax: torch.Tensor
     samples: list[torch.Tensor] = field(default_factory=list)  # token subsample (percentile)
+    hessian: Hessian | None = None  # Σ xᵀx of the raw (untransformed) input, when asked
 
     def score(self, percentile: float | None) -> torch.Tensor:
         if percentile is None or not self.samples:
@@ -52,7 +54,7 @@ class BlockData:
     layers: list[str]  # planned layers of this block, in graph order
 
 
-def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int):
+def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int, hessians: bool):
     stats: dict[int, GroupStats] = {}
     layers: list[str] = []
     gen = torch.Generator().manual_seed(seg + 1)
@@ -76,6 +78,10 @@ def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int):
             st = stats[lp.group] = GroupStats(am)
         else:
             st.absmax = torch.maximum(st.absmax, am)
+        if hessians:
+            if st.hessian is None:
+                st.hessian = Hessian.empty(x.shape[-1])
+            st.hessian.add(x)
         if keep_tokens:
             idx = torch.randint(0, x.shape[0], (min(keep_tokens, x.shape[0]),), generator=gen)
             st.samples.append(x[idx])
@@ -92,8 +98,10 @@ def calibrate_blockwise(
     prefix: str = "all",
     keep_tokens: int = 0,
     desc: str = "CBC",
+    hessians: bool = False,
 ) -> None:
-    """Walk the blocks; ``decide`` fills in the plan of each block's layers in place."""
+    """Walk the blocks; ``decide`` fills in the plan of each block's layers in place.
+    ``hessians``: also accumulate each shared input's ``Σ xᵀx`` (for GPTQ)."""
     if prefix not in PREFIXES:
         raise ValueError(f"unknown CBC prefix {prefix!r}; choose from {PREFIXES}")
     runner = ctx.runner
@@ -102,7 +110,7 @@ def calibrate_blockwise(
     cache: dict = {}
     segments = runner.order
     for seg in tqdm(segments, desc=desc, leave=False, disable=len(segments) < 4):
-        stats, layers = _collect(ctx, plan, seg, cal, keep_tokens)
+        stats, layers = _collect(ctx, plan, seg, cal, keep_tokens, hessians)
         if layers:
             decide(BlockData(seg, cal, stats, layers))
         quantized = PlanOverride(ctx, plan, cache=cache)

@@ -27,7 +27,7 @@ def rows(plan: Plan) -> list[list[Any]]:
         if lp.quantized:
             out.append([
                 lp.name, lp.role, "-" if lp.block is None else lp.block,
-                f"{lp.in_features}x{lp.out_features}", lp.spec.name, _gran(lp),
+                f"{lp.in_features}x{lp.out_features}", lp.spec.name, _gran(lp), lp.rounding,
                 tp.describe() if tp else "-", _fmt(lp.outlier_score),
                 f"{lp.w_clip:.2f}/{lp.a_clip:.2f}", lp.target or "-",
                 f"{_fmt(lp.err_before, 4)}→{_fmt(lp.err_after, 4)}" if lp.err_before is not None
@@ -36,14 +36,14 @@ def rows(plan: Plan) -> list[list[Any]]:
         else:
             out.append([
                 lp.name, lp.role, "-" if lp.block is None else lp.block,
-                f"{lp.in_features}x{lp.out_features}", "fp", "-", "-", "-", "-", "-", "-", "-",
+                f"{lp.in_features}x{lp.out_features}", "fp", "-", "-", "-", "-", "-", "-", "-", "-",
                 f"skip: {lp.skip_reason}",
             ])
     return out
 
 
-HEADERS = ["layer", "role", "block", "shape", "bits", "granularity", "rotation", "outlier",
-           "clip w/a", "target", "target err", "SQNR dB", "notes"]
+HEADERS = ["layer", "role", "block", "shape", "bits", "granularity", "rounding", "rotation",
+           "outlier", "clip w/a", "target", "target err", "SQNR dB", "notes"]
 
 
 def summary(qm: Any) -> str:

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from clq_compile.annotations import linear_info
 from clq_compile.plan import Plan
-from clq_compile.qlinear import PackedWeight, apply_transform, pack_weight, quantized_linear
+from clq_compile.qlinear import PackedWeight, apply_transform, planned_weight, quantized_linear
 from clq_compile.runner import PlanContext
 
 
@@ -42,10 +42,10 @@ class PlanOverride:
 
     def packed(self, name: str, w_clip: float) -> PackedWeight:
         lp = self.plan.layers[name]
-        tp = self.plan.transform_of(lp)
-        key = (name, w_clip, id(tp))
+        solved = self.plan.weights.get(name)
+        key = (name, w_clip, id(self.plan.transform_of(lp)), id(solved))
         if key not in self.cache:
-            self.cache[key] = pack_weight(self.ctx.weight(name), lp, tp, w_clip=w_clip)
+            self.cache[key] = planned_weight(self.plan, lp, self.ctx.weight(name), w_clip)
         return self.cache[key]
 
     def __call__(self, node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:

@@ -12,6 +12,19 @@ import torch
 from clq_compile.spec import QuantSpec
 
 
+@dataclass(frozen=True)
+class PackedWeight:
+    """A layer's weight as the graph holds it: int values (two int4 per byte) and float32
+    scales, the layout ``torch.ops.clq.quant_linear`` takes."""
+
+    w_q: torch.Tensor
+    w_scale: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.w_q.numel() * self.w_q.element_size() + self.w_scale.numel() * 4
+
+
 @dataclass
 class TransformPlan:
     """One online input transform, shared by every linear reading the same tensor.
@@ -62,6 +75,7 @@ class LayerPlan:
     err_before: float | None = None  # CLPS target error at clip (1, 1)
     err_after: float | None = None  # CLPS target error at the chosen clips
     sqnr_db: float | None = None  # this layer's output SQNR on the calibration data
+    rounding: str = "rtn"  # how the weight integers were chosen: "rtn", "gptq"
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,6 +90,9 @@ class Plan:
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     transforms: dict[int, TransformPlan] = field(default_factory=dict)  # by group id
     meta: dict[str, Any] = field(default_factory=dict)  # timings, calibration counts
+    # Weights solved against calibration data (GPTQ), by layer name; a layer absent here
+    # is rounded to nearest from its float weight when the graph is built.
+    weights: dict[str, PackedWeight] = field(default_factory=dict)
 
     def quantized_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers.values() if lp.quantized]
@@ -121,8 +138,11 @@ class Plan:
             d = {f.name: getattr(lp, f.name) for f in dataclasses.fields(lp)}
             d["spec"] = None if lp.spec is None else dataclasses.asdict(lp.spec)
             layers[name] = d
+        for name, pw in self.weights.items():
+            tensors[f"plan.w.{name}.w_q"] = pw.w_q.contiguous()
+            tensors[f"plan.w.{name}.w_scale"] = pw.w_scale.contiguous()
         state = {"recipe": self.recipe, "spec": dataclasses.asdict(self.spec),
-                 "layers": layers, "transforms": transforms,
+                 "layers": layers, "transforms": transforms, "weights": list(self.weights),
                  "meta": json.loads(json.dumps(self.meta, default=str))}
         return state, tensors
 
@@ -139,4 +159,7 @@ class Plan:
                 **{k: tensors[f"plan.t{g}.{k}"] if d[k] else None
                    for k in ("perm", "smooth", "rot")},
                 kind=d["kind"], order=d["order"], note=d["note"])
+        for name in state.get("weights", []):
+            plan.weights[name] = PackedWeight(tensors[f"plan.w.{name}.w_q"],
+                                              tensors[f"plan.w.{name}.w_scale"])
         return plan

@@ -6,24 +6,15 @@ so what calibration measures is what the deployed graph runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import clq_compile.ops  # noqa: F401 - registers torch.ops.clq
 from clq_compile.ops import transform_reference
-from clq_compile.plan import LayerPlan, TransformPlan
+from clq_compile.plan import LayerPlan, PackedWeight, Plan, TransformPlan
 from clq_compile.quant import quantize_weight
 
-
-@dataclass(frozen=True)
-class PackedWeight:
-    w_q: torch.Tensor
-    w_scale: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return self.w_q.numel() * self.w_q.element_size() + self.w_scale.numel() * 4
+__all__ = ["PackedWeight", "apply_transform", "fold_weight", "pack_weight", "planned_weight",
+           "quantized_linear", "sqnr", "sqnr_db"]
 
 
 def fold_weight(w: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
@@ -43,6 +34,18 @@ def pack_weight(
         fold_weight(w, tp), spec.w_bits, spec.w_group, lp.w_clip if w_clip is None else w_clip
     )
     return PackedWeight(w_q, w_scale)
+
+
+def planned_weight(plan: Plan, lp: LayerPlan, w: torch.Tensor,
+                   w_clip: float | None = None) -> PackedWeight:
+    """The packed weight the graph runs for ``lp``: the plan's solved weight (GPTQ) when it
+    has one for these clips, else ``w`` rounded to nearest. The one place both the
+    calibration overrides and the rewrite get a layer's weight from."""
+    clip = lp.w_clip if w_clip is None else w_clip
+    solved = plan.weights.get(lp.name)
+    if solved is not None and clip == lp.w_clip:
+        return solved
+    return pack_weight(w, lp, plan.transform_of(lp), w_clip=clip)
 
 
 def apply_transform(x: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:

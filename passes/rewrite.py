@@ -21,7 +21,7 @@ from clq_compile.digest import content_key
 from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.plan import LayerPlan, Plan, TransformPlan
-from clq_compile.qlinear import fold_weight, pack_weight
+from clq_compile.qlinear import fold_weight, planned_weight
 from clq_compile.weight_cache import WeightPacker
 
 QUANT_LINEAR = torch.ops.clq.quant_linear.default
@@ -64,23 +64,25 @@ def _getitem(t: tuple, i: int) -> torch.Tensor:
     return t[i]
 
 
-# A weight source: (gm, linear node, layer plan, transform) -> (w_q node, w_scale node),
+# A weight source: (gm, linear node, plan, layer plan) -> (w_q node, w_scale node),
 # inserted before the linear.
-WeightSource = Callable[[fx.GraphModule, fx.Node, LayerPlan, TransformPlan | None],
-                        tuple[fx.Node, fx.Node]]
+WeightSource = Callable[[fx.GraphModule, fx.Node, Plan, LayerPlan], tuple[fx.Node, fx.Node]]
 
 
-def packed_constants(gm: fx.GraphModule, node: fx.Node, lp: LayerPlan,
-                     tp: TransformPlan | None) -> tuple[fx.Node, fx.Node]:
-    packed = pack_weight(weight_tensor(gm, node), lp, tp)
+def packed_constants(gm: fx.GraphModule, node: fx.Node, plan: Plan,
+                     lp: LayerPlan) -> tuple[fx.Node, fx.Node]:
+    packed = planned_weight(plan, lp, weight_tensor(gm, node))
     base = f"clq_{_safe(lp.name)}"
     return _const(gm, f"{base}_w_q", packed.w_q), _const(gm, f"{base}_w_scale", packed.w_scale)
 
 
-def runtime_packer(gm: fx.GraphModule, node: fx.Node, lp: LayerPlan,
-                   tp: TransformPlan | None) -> tuple[fx.Node, fx.Node]:
+def runtime_packer(gm: fx.GraphModule, node: fx.Node, plan: Plan,
+                   lp: LayerPlan) -> tuple[fx.Node, fx.Node]:
+    if lp.name in plan.weights:
+        raise ValueError(f"layer {lp.name}: a solved (GPTQ) weight cannot be re-packed from "
+                         "the weight that arrives at call time")
     name = f"clq_pack_{_safe(lp.name)}"
-    gm.add_submodule(name, WeightPacker(lp, tp))
+    gm.add_submodule(name, WeightPacker(lp, plan.transform_of(lp)))
     packed = gm.graph.call_module(name, (node.args[1],))
     return (gm.graph.call_function(_getitem, (packed, 0)),
             gm.graph.call_function(_getitem, (packed, 1)))
@@ -134,7 +136,7 @@ class RewriteLinears(GraphPass):
                     node.args = (x, w, *node.args[2:])
                     modified = True
                     continue
-                w_q, w_s = WEIGHT_SOURCES[self.weights](gm, node, lp, tp)
+                w_q, w_s = WEIGHT_SOURCES[self.weights](gm, node, self.plan, lp)
                 spec = lp.spec
                 new = graph.call_function(
                     QUANT_LINEAR,

@@ -66,6 +66,16 @@ def test_batch_one_calibration_keeps_batch_dynamic(tmp_path):
     x = inputs(5, b=2)
     got = torch.from_numpy(ort_run(ort_session(path), (), x)[0])
     assert got.shape[0] == 2 and sqnr(_out(qm, x), got) > 40
+    # The file carries the graph's dynamic axes: batch and caption length are symbolic,
+    # and a call at another caption length runs (qm and ORT agree).
+    import onnx
+
+    feeds = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path)).graph.input}
+    assert feeds["hidden_states"][0].dim_param and feeds["encoder_hidden_states"][1].dim_param
+    x = inputs(6, b=3)
+    x["encoder_hidden_states"] = x["encoder_hidden_states"][:, :4]
+    got = torch.from_numpy(ort_run(ort_session(path), (), x)[0])
+    assert got.shape[0] == 3 and sqnr(_out(qm, x), got) > 40
 
 
 # -- 4. options that silently disabled or changed quantization -----------------------

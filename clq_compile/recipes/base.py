@@ -7,7 +7,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from clq_compile.errors import ConfigError
-from clq_compile.options import group_size, integer, names, option, validate_fields
+from clq_compile.options import (
+    boolean,
+    choice,
+    group_size,
+    integer,
+    names,
+    option,
+    real,
+    validate_fields,
+)
 from clq_compile.passes.roles import ROLES
 from clq_compile.runner import PlanContext
 from clq_compile.spec import QuantSpec
@@ -25,10 +34,21 @@ class RecipeConfig:
     a_group: int | None = option(None, group_size)
     skip_roles: tuple[str, ...] = option(("embed", "modulation", "final"), names(ROLES))
     window: int = option(3, integer(0))  # blocks downstream that cross-layer chains cover
+    # Weight rounding after the recipe's plan: "rtn" (nearest) or "gptq" (error-
+    # compensating, from each layer's calibration Hessian; ``damp`` is its dampening as a
+    # fraction of the mean diagonal, ``act_order`` rounds the busiest inputs first).
+    weights: str = option("rtn", choice("rtn", "gptq"))
+    damp: float = option(0.01, real(0.0, 1.0, lo_open=True))
+    act_order: bool = option(True, boolean)
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         validate_fields(self)
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether planning needs calibration data (the recipe's or the rounding's)."""
+        return self.needs_calibration or self.weights != "rtn"
 
     def spec_for(self, bits: QuantSpec) -> QuantSpec:
         """``bits`` with this config's group sizes; an activation group with weight-only

@@ -57,7 +57,10 @@ def test_w4a4_qdq_matches_reference(export_case, arch):
     assert_exact(export_case(arch, "w4a4"))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Every arch is checked at W4A4 above (their graphs differ); how a linear lowers depends on
+# the bits, not the arch, so the sweep runs on two archs (SD3/Flux would add ~2.5 min of
+# export time and no new lowering).
+@pytest.mark.parametrize("arch", ["dit", "pixart"])
 @pytest.mark.parametrize("bits", ["w4a8", "w8a8", "w4a16"])
 def test_bits_sweep_qdq_matches_reference(export_case, bits, arch):
     assert_exact(export_case(arch, bits))

@@ -1,0 +1,55 @@
+"""Weight rounding after any recipe's plan (option ``weights``): the recipe decides
+transforms and clips, then this stage walks the blocks once more (CBC order, on the
+quantized prefix, earlier blocks already with their solved weights) and replaces each
+layer's round-to-nearest integers by GPTQ's, from the Hessian of the layer's input *as
+the graph feeds it*: after the layer's transform."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from clq_compile.cbc import BlockData, calibrate_blockwise
+from clq_compile.gptq import gptq_quantize
+from clq_compile.ops import transform_reference
+from clq_compile.plan import PackedWeight, Plan, TransformPlan
+from clq_compile.qlinear import fold_weight
+from clq_compile.runner import PlanContext
+
+log = logging.getLogger(__name__)
+
+
+def transformed_hessian(h: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
+    """Hessian of T(x) = x·M from that of x: Mᵀ·H·M, with M = T(I) as the graph computes
+    it (float32), the product in float64."""
+    if tp is None:
+        return h
+    m = transform_reference(torch.eye(h.shape[0]), tp.perm, tp.smooth, tp.rot).double()
+    out = m.T @ h.double() @ m
+    return (out + out.T) / 2  # symmetric up to float error; make it exactly so
+
+
+def solve_gptq(ctx: PlanContext, plan: Plan, damp: float, act_order: bool) -> None:
+    """Fill ``plan.weights`` with GPTQ-rounded weights for every quantized layer."""
+    t0 = time.perf_counter()
+
+    def decide(block: BlockData) -> None:
+        hessians: dict[int, torch.Tensor] = {}
+        for name in block.layers:
+            lp = plan.layers[name]
+            tp = plan.transform_of(lp)
+            if lp.group not in hessians:
+                hessians[lp.group] = transformed_hessian(block.stats[lp.group].hessian.mean(), tp)
+            spec = lp.spec
+            w_q, scale, used = gptq_quantize(
+                fold_weight(ctx.weight(name), tp), hessians[lp.group], spec.w_bits,
+                spec.w_group, lp.w_clip, damp=damp, act_order=act_order)
+            plan.weights[name] = PackedWeight(w_q, scale)
+            lp.rounding = "gptq"
+            if used != damp:
+                lp.notes.append(f"gptq dampening raised to {used:g} (singular Hessian)")
+
+    calibrate_blockwise(ctx, plan, decide, prefix="all", desc="gptq", hessians=True)
+    plan.meta["gptq_s"] = round(time.perf_counter() - t0, 3)
