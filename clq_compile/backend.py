@@ -90,11 +90,13 @@ def clq_backend(
     bits = opts.pop("bits", "w4a4")
     calib = opts.pop("calib", None)
     config, spec = resolve(recipe, bits, **opts)
-    if config.weights != "rtn":
+    if config.weights != "rtn" or config.lowrank:
+        what = f"weights={config.weights!r}" if config.weights != "rtn" else \
+            f"lowrank={config.lowrank}"
         raise ConfigError(
-            f"option weights={config.weights!r} solves weights against calibration data once; "
-            "the clq backend re-packs whatever weight arrives at call time, so it only rounds "
-            "to nearest: use clq.quantize(...) for weights='gptq'")
+            f"option {what} is solved from the weights once; the clq backend re-packs "
+            "whatever weight arrives at call time, so it only rounds to nearest without a "
+            "low-rank branch: use clq.quantize(...) for weights='gptq' and lowrank")
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):

@@ -14,6 +14,7 @@ from typing import Any
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from clq_compile.budget import promote
 from clq_compile.overrides import PlanOverride
 from clq_compile.passes.blocks import AnnotateBlocks
 from clq_compile.passes.chains import CrossLayerChains
@@ -78,9 +79,11 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
     measure each planned layer."""
     t0 = time.perf_counter()
     gm = analyze(gm, spec, config)
-    ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm))
+    ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm), rank=config.lowrank)
     t1 = time.perf_counter()
     plan = handler(config)(ctx, config)
+    if config.budget:
+        promote(ctx, plan, config.budget, config.budget_spec())
     if config.weights == "gptq":
         solve_gptq(ctx, plan, config.damp, config.act_order)
     t2 = time.perf_counter()
@@ -91,7 +94,7 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
         analyze_s=round(t1 - t0, 3), plan_s=round(t2 - t1, 3),
         measure_s=round(time.perf_counter() - t2, 3) if measure else 0.0, config=repr(config),
     )
-    report_coverage(plan, set(skip_reasons(config).values()))
+    report_coverage(plan, set(skip_reasons(config).values()), budget=bool(config.budget))
     return plan
 
 
@@ -111,7 +114,10 @@ def coverage_note(plan: Plan, asked: set[str]) -> str:
     return ""
 
 
-def report_coverage(plan: Plan, asked: set[str]) -> None:
+def report_coverage(plan: Plan, asked: set[str], budget: bool = False) -> None:
+    if budget:  # layers the budget kept in full precision were asked for too
+        asked = asked | {lp.skip_reason for lp in plan.layers.values()
+                         if lp.skip_reason.startswith("kept in full precision (budget")}
     note = coverage_note(plan, asked)
     plan.meta["coverage"] = note
     if note:

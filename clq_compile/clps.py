@@ -55,6 +55,27 @@ def downstream(node: fx.Node) -> set[fx.Node]:
     return out
 
 
+def chain_errors(
+    ctx: PlanContext,
+    plan: Plan,
+    name: str,
+    seg: int,
+    envs: list[dict],
+    fp_refs: dict[fx.Node, list[torch.Tensor]],
+    cache: dict | None = None,
+    reuse: list[dict] | None = None,
+    clips: tuple[float, float] | None = None,
+) -> dict[fx.Node, float]:
+    """Relative output error of each layer of ℓ's chain with only ℓ quantized (at
+    ``clips``, default the plan's). ``reuse``: see :func:`search_layer`."""
+    probe = PlanOverride(ctx, plan, only={name}, clips={name: clips} if clips else None,
+                         cache=cache)
+    cands = candidates(ctx, name)
+    outs = ctx.runner.probe(envs, seg, set(cands), probe, reuse=reuse,
+                            dirty=downstream(ctx.nodes[name]))
+    return {n: relative_error(fp_refs[n], outs[n]) for n in cands}
+
+
 def search_layer(
     ctx: PlanContext,
     plan: Plan,
@@ -69,17 +90,14 @@ def search_layer(
 ) -> SearchResult:
     """``reuse``: float values of segment ``seg`` per call, so nodes of that segment that
     do not depend on ℓ are not recomputed for every probe."""
-    runner = ctx.runner
-    probe = PlanOverride(ctx, plan, only={name}, clips={name: (1.0, 1.0)}, cache=cache)
-    cands = candidates(ctx, name)
+    errs = chain_errors(ctx, plan, name, seg, envs, fp_refs, cache, reuse, clips=(1.0, 1.0))
+    target = max(errs, key=errs.get)
+    probe = PlanOverride(ctx, plan, only={name}, clips={}, cache=cache)
     dirty = downstream(ctx.nodes[name])
 
     def run(watch: set[fx.Node]) -> dict[fx.Node, list[torch.Tensor]]:
-        return runner.probe(envs, seg, watch, probe, reuse=reuse, dirty=dirty)
+        return ctx.runner.probe(envs, seg, watch, probe, reuse=reuse, dirty=dirty)
 
-    outs = run(set(cands))
-    errs = {n: relative_error(fp_refs[n], outs[n]) for n in cands}
-    target = max(errs, key=errs.get)
     best = (errs[target], 1.0, 1.0)
     probes = 1
     a_values = a_grid if plan.layers[name].spec.a_bits < 16 else (1.0,)

@@ -20,7 +20,16 @@ def _gran(lp: LayerPlan) -> str:
     return f"W:{w} A:{a}"
 
 
-def rows(plan: Plan) -> list[list[Any]]:
+def _notes(qm: Any, lp: LayerPlan) -> list[str]:
+    notes = list(lp.notes)
+    if lp.rank:
+        nbytes = lp.rank * (lp.in_features + lp.out_features) * qm.dtype.itemsize
+        notes.insert(0, f"lowrank r={lp.rank} ({nbytes:,} B)")
+    return notes
+
+
+def rows(qm: Any) -> list[list[Any]]:
+    plan: Plan = qm.plan
     out = []
     for lp in plan.layers.values():
         tp = plan.transform_of(lp)
@@ -31,7 +40,7 @@ def rows(plan: Plan) -> list[list[Any]]:
                 tp.describe() if tp else "-", _fmt(lp.outlier_score),
                 f"{lp.w_clip:.2f}/{lp.a_clip:.2f}", lp.target or "-",
                 f"{_fmt(lp.err_before, 4)}→{_fmt(lp.err_after, 4)}" if lp.err_before is not None
-                else "-", _fmt(lp.sqnr_db, 1), "; ".join(lp.notes) or "",
+                else "-", _fmt(lp.sqnr_db, 1), "; ".join(_notes(qm, lp)) or "",
             ])
         else:
             out.append([
@@ -52,7 +61,7 @@ def summary(qm: Any) -> str:
     fp_lin = sum(lp.in_features * lp.out_features * 4 for lp in q)
     state = qm.graph_module.state_dict()  # the packed weights (shared by every graph)
     q_lin = sum(t.numel() * t.element_size() for k, t in state.items()
-                if k.startswith("clq_") and (k.endswith("_w_q") or k.endswith("_w_scale")))
+                if k.startswith("clq_") and k.endswith(("_w_q", "_w_scale", "_lr_up", "_lr_down")))
     total = qm.weight_bytes()
     ratio = fp_lin / q_lin if q_lin else float("nan")
     mratio = qm.fp_weight_bytes / total if total else float("nan")
@@ -67,4 +76,4 @@ def summary(qm: Any) -> str:
 
 def inspect(qm: Any, tablefmt: str = "simple") -> str:
     """A per-layer table (tabulate) of a ``QuantizedModel`` plus a summary line."""
-    return tabulate(rows(qm.plan), headers=HEADERS, tablefmt=tablefmt) + "\n" + summary(qm)
+    return tabulate(rows(qm), headers=HEADERS, tablefmt=tablefmt) + "\n" + summary(qm)

@@ -19,10 +19,17 @@ class PackedWeight:
 
     w_q: torch.Tensor
     w_scale: torch.Tensor
+    up: torch.Tensor | None = None  # low-rank branch (N, r), in the weight's float dtype
+    down: torch.Tensor | None = None  # (r, K)
 
     @property
     def nbytes(self) -> int:
-        return self.w_q.numel() * self.w_q.element_size() + self.w_scale.numel() * 4
+        return self.w_q.numel() * self.w_q.element_size() + self.w_scale.numel() * 4 + \
+            self.lowrank_bytes
+
+    @property
+    def lowrank_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down) if t is not None)
 
 
 @dataclass
@@ -76,6 +83,7 @@ class LayerPlan:
     err_after: float | None = None  # CLPS target error at the chosen clips
     sqnr_db: float | None = None  # this layer's output SQNR on the calibration data
     rounding: str = "rtn"  # how the weight integers were chosen: "rtn", "gptq"
+    rank: int = 0  # low-rank float branch beside the quantized residual (0: none)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -139,8 +147,9 @@ class Plan:
             d["spec"] = None if lp.spec is None else dataclasses.asdict(lp.spec)
             layers[name] = d
         for name, pw in self.weights.items():
-            tensors[f"plan.w.{name}.w_q"] = pw.w_q.contiguous()
-            tensors[f"plan.w.{name}.w_scale"] = pw.w_scale.contiguous()
+            for k in ("w_q", "w_scale", "up", "down"):
+                if getattr(pw, k) is not None:
+                    tensors[f"plan.w.{name}.{k}"] = getattr(pw, k).contiguous()
         state = {"recipe": self.recipe, "spec": dataclasses.asdict(self.spec),
                  "layers": layers, "transforms": transforms, "weights": list(self.weights),
                  "meta": json.loads(json.dumps(self.meta, default=str))}
@@ -160,6 +169,6 @@ class Plan:
                    for k in ("perm", "smooth", "rot")},
                 kind=d["kind"], order=d["order"], note=d["note"])
         for name in state.get("weights", []):
-            plan.weights[name] = PackedWeight(tensors[f"plan.w.{name}.w_q"],
-                                              tensors[f"plan.w.{name}.w_scale"])
+            plan.weights[name] = PackedWeight(
+                *(tensors.get(f"plan.w.{name}.{k}") for k in ("w_q", "w_scale", "up", "down")))
         return plan

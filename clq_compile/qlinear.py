@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 import clq_compile.ops  # noqa: F401 - registers torch.ops.clq
+from clq_compile.lowrank import lowrank_reference, lowrank_split
 from clq_compile.ops import transform_reference
 from clq_compile.plan import LayerPlan, PackedWeight, Plan, TransformPlan
 from clq_compile.quant import quantize_weight
 
 __all__ = ["PackedWeight", "apply_transform", "fold_weight", "pack_weight", "planned_weight",
-           "quantized_linear", "sqnr", "sqnr_db"]
+           "quantized_linear", "split_weight", "sqnr", "sqnr_db"]
 
 
 def fold_weight(w: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
@@ -26,14 +27,28 @@ def fold_weight(w: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
     return transform_reference(w, tp.perm, inv, tp.rot)
 
 
+def split_weight(
+    w: torch.Tensor, lp: LayerPlan, tp: TransformPlan | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(the part to quantize, up, down): the folded weight, less its rank-``lp.rank``
+    branch when the layer has one (up/down in the weight's dtype, as the graph runs them)."""
+    folded = fold_weight(w, tp)
+    if not lp.rank:
+        return folded, None, None
+    up, down = lowrank_split(folded, lp.rank)
+    up, down = up.to(w.dtype), down.to(w.dtype)
+    return folded - up.float() @ down.float(), up, down
+
+
 def pack_weight(
     w: torch.Tensor, lp: LayerPlan, tp: TransformPlan | None, w_clip: float | None = None
 ) -> PackedWeight:
     spec = lp.spec
+    residual, up, down = split_weight(w, lp, tp)
     w_q, w_scale = quantize_weight(
-        fold_weight(w, tp), spec.w_bits, spec.w_group, lp.w_clip if w_clip is None else w_clip
+        residual, spec.w_bits, spec.w_group, lp.w_clip if w_clip is None else w_clip
     )
-    return PackedWeight(w_q, w_scale)
+    return PackedWeight(w_q, w_scale, up, down)
 
 
 def planned_weight(plan: Plan, lp: LayerPlan, w: torch.Tensor,
@@ -63,10 +78,13 @@ def quantized_linear(
 ) -> torch.Tensor:
     """``x`` must already be transformed (see :func:`apply_transform`)."""
     spec = lp.spec
-    return torch.ops.clq.quant_linear(
+    out = torch.ops.clq.quant_linear(
         x, packed.w_q, packed.w_scale, bias, spec.w_bits, spec.a_bits, spec.a_group,
         float(lp.a_clip if a_clip is None else a_clip),
     )
+    if packed.up is not None:
+        out = out + lowrank_reference(x, packed.up, packed.down)
+    return out
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:

@@ -15,7 +15,7 @@ from clq_compile.cbc import BlockData, calibrate_blockwise
 from clq_compile.gptq import gptq_quantize
 from clq_compile.ops import transform_reference
 from clq_compile.plan import PackedWeight, Plan, TransformPlan
-from clq_compile.qlinear import fold_weight
+from clq_compile.qlinear import split_weight
 from clq_compile.runner import PlanContext
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,11 @@ def solve_gptq(ctx: PlanContext, plan: Plan, damp: float, act_order: bool) -> No
             if lp.group not in hessians:
                 hessians[lp.group] = transformed_hessian(block.stats[lp.group].hessian.mean(), tp)
             spec = lp.spec
+            residual, up, down = split_weight(ctx.weight(name), lp, tp)
             w_q, scale, used = gptq_quantize(
-                fold_weight(ctx.weight(name), tp), hessians[lp.group], spec.w_bits,
-                spec.w_group, lp.w_clip, damp=damp, act_order=act_order)
-            plan.weights[name] = PackedWeight(w_q, scale)
+                residual, hessians[lp.group], spec.w_bits, spec.w_group, lp.w_clip,
+                damp=damp, act_order=act_order)
+            plan.weights[name] = PackedWeight(w_q, scale, up, down)
             lp.rounding = "gptq"
             if used != damp:
                 lp.notes.append(f"gptq dampening raised to {used:g} (singular Hessian)")

@@ -172,6 +172,7 @@ class PlanContext:
     spec: QuantSpec
     flat_calib: list[list[Any]]
     runner: GraphRunner
+    rank: int = 0  # low-rank branch of every quantized layer (option ``lowrank``)
     nodes: dict[str, fx.Node] = field(default_factory=dict)  # layer name -> linear node
 
     def __post_init__(self) -> None:
@@ -196,5 +197,7 @@ class PlanContext:
                 name=name, role=info.role, block=info.block, in_features=info.in_features,
                 out_features=info.out_features, group=info.group,
                 spec=None if info.skip_reason else self.spec, skip_reason=info.skip_reason,
+                rank=0 if info.skip_reason else min(self.rank, info.in_features,
+                                                     info.out_features),
             )
         return plan

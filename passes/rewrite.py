@@ -64,16 +64,25 @@ def _getitem(t: tuple, i: int) -> torch.Tensor:
     return t[i]
 
 
-# A weight source: (gm, linear node, plan, layer plan) -> (w_q node, w_scale node),
-# inserted before the linear.
-WeightSource = Callable[[fx.GraphModule, fx.Node, Plan, LayerPlan], tuple[fx.Node, fx.Node]]
+# A weight source: (gm, linear node, plan, layer plan) -> (w_q, w_scale, low-rank
+# (up, down) or None) nodes, inserted before the linear.
+Branch = tuple[fx.Node, fx.Node] | None
+WeightSource = Callable[[fx.GraphModule, fx.Node, Plan, LayerPlan],
+                        tuple[fx.Node, fx.Node, Branch]]
+LINEAR = torch.ops.aten.linear.default
+ADD = torch.ops.aten.add.Tensor
 
 
 def packed_constants(gm: fx.GraphModule, node: fx.Node, plan: Plan,
                      lp: LayerPlan) -> tuple[fx.Node, fx.Node]:
     packed = planned_weight(plan, lp, weight_tensor(gm, node))
     base = f"clq_{_safe(lp.name)}"
-    return _const(gm, f"{base}_w_q", packed.w_q), _const(gm, f"{base}_w_scale", packed.w_scale)
+    branch = None
+    if packed.up is not None:
+        branch = (_const(gm, f"{base}_lr_up", packed.up), _const(gm, f"{base}_lr_down",
+                                                                  packed.down))
+    return (_const(gm, f"{base}_w_q", packed.w_q), _const(gm, f"{base}_w_scale", packed.w_scale),
+            branch)
 
 
 def runtime_packer(gm: fx.GraphModule, node: fx.Node, plan: Plan,
@@ -85,7 +94,7 @@ def runtime_packer(gm: fx.GraphModule, node: fx.Node, plan: Plan,
     gm.add_submodule(name, WeightPacker(lp, plan.transform_of(lp)))
     packed = gm.graph.call_module(name, (node.args[1],))
     return (gm.graph.call_function(_getitem, (packed, 0)),
-            gm.graph.call_function(_getitem, (packed, 1)))
+            gm.graph.call_function(_getitem, (packed, 1)), None)
 
 
 WEIGHT_SOURCES: dict[str, WeightSource] = {"packed": packed_constants, "runtime": runtime_packer}
@@ -136,13 +145,18 @@ class RewriteLinears(GraphPass):
                     node.args = (x, w, *node.args[2:])
                     modified = True
                     continue
-                w_q, w_s = WEIGHT_SOURCES[self.weights](gm, node, self.plan, lp)
+                w_q, w_s, branch = WEIGHT_SOURCES[self.weights](gm, node, self.plan, lp)
                 spec = lp.spec
                 new = graph.call_function(
                     QUANT_LINEAR,
                     (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
                 )
-            new.meta.update(node.meta)
+                new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
+                if branch is not None:  # quant_linear(x) + (x·downᵀ)·upᵀ, as quantized_linear
+                    up, down = branch
+                    low = graph.call_function(LINEAR, (graph.call_function(LINEAR, (x, down)), up))
+                    new = graph.call_function(ADD, (new, low))
+
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             modified = True

@@ -96,7 +96,7 @@ def test_every_recipe_takes_gptq_and_gains(recipe):
         lp.name for lp in layers}
     # the graph runs the solved integers (not a re-rounding of the float weight)
     state = gptq.graph_module.state_dict()
-    for name, pw in gptq.plan.weights.items():
+    for pw in gptq.plan.weights.values():
         assert any(torch.equal(pw.w_q, t) for k, t in state.items() if k.endswith("_w_q"))
     # measured on this random-weight model: +7.5 dB (rtn, quarot, clq) held out
     assert _held_out_sqnr(model, gptq, inputs) > _held_out_sqnr(model, rtn, inputs) + 3

@@ -53,7 +53,7 @@ def _build(name, recipe, bits):
         if name == "pixart" and extra:  # another resolution: the second graph
             tests.append({**inputs(7), "hidden_states": torch.randn(2, 4, 12, 12)})
     qm = clq.quantize(model, calib, recipe=recipe, bits=bits, extra_shapes=extra,
-                      **_options(recipe))
+                      measure=False, **_options(recipe))
     return qm, tests
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from clq_compile.budget import BUDGET_BITS
 from clq_compile.errors import ConfigError
 from clq_compile.options import (
     boolean,
@@ -19,7 +20,7 @@ from clq_compile.options import (
 )
 from clq_compile.passes.roles import ROLES
 from clq_compile.runner import PlanContext
-from clq_compile.spec import QuantSpec
+from clq_compile.spec import QuantSpec, parse_bits
 
 __all__ = ["PlanContext", "RecipeConfig"]
 
@@ -40,6 +41,12 @@ class RecipeConfig:
     weights: str = option("rtn", choice("rtn", "gptq"))
     damp: float = option(0.01, real(0.0, 1.0, lo_open=True))
     act_order: bool = option(True, boolean)
+    # A rank-``lowrank`` float branch beside each quantized weight (SVDQuant's form).
+    lowrank: int = option(0, integer(0))
+    # Mixed precision: promote the most sensitive layers to ``budget_bits`` ("fp": full
+    # precision) while they hold at most a ``budget`` fraction of the quantized weights.
+    budget: float = option(0.0, real(0.0, 1.0))
+    budget_bits: str = option("w8a8", choice(*BUDGET_BITS))
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -48,7 +55,7 @@ class RecipeConfig:
     @property
     def calibrates(self) -> bool:
         """Whether planning needs calibration data (the recipe's or the rounding's)."""
-        return self.needs_calibration or self.weights != "rtn"
+        return self.needs_calibration or self.weights != "rtn" or self.budget > 0
 
     def spec_for(self, bits: QuantSpec) -> QuantSpec:
         """``bits`` with this config's group sizes; an activation group with weight-only
@@ -58,4 +65,12 @@ class RecipeConfig:
             raise ConfigError(
                 f"option a_group={spec.a_group} has no effect with weight-only bits "
                 f"{spec.name} (activations stay in float): drop it or quantize activations")
+        if self.budget and self.budget_bits == spec.name:
+            raise ConfigError(
+                f"option budget_bits={self.budget_bits!r} is what bits={spec.name!r} already "
+                f"gives: promote to one of {[b for b in BUDGET_BITS if b != spec.name]}")
         return spec
+
+    def budget_spec(self) -> QuantSpec | None:
+        """What ``budget`` promotes to (None: full precision)."""
+        return None if self.budget_bits == "fp" else parse_bits(self.budget_bits)

@@ -150,3 +150,19 @@ def test_batch_dim_is_symbolic_and_runs_at_other_batches(export_case):
     assert hidden.type.tensor_type.shape.dim[0].dim_param
     for batch in (3, 5):
         assert_exact(case, batch=batch, seed=11 + batch)
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
+def test_lowrank_branch_exports_and_matches_reference(export_case, target):
+    """``lowrank``: the float branch exports as a MatMul pair beside each quantized linear
+    (plain ONNX ops in both targets) and the file matches the reference as exactly as the
+    plain model does."""
+    case = export_case("pixart", "w4a4", target=target, lowrank=8)
+    assert_exact(case)
+    plain = export_case("pixart", "w4a4", target=target)
+    n_q = len(quant_linears(case.qm.graph_module))
+
+    def matmuls(path):
+        return sum(n.op_type in ("MatMul", "Gemm") for n in ir.load(path).graph)
+
+    assert matmuls(case.path) == matmuls(plain.path) + 2 * n_q

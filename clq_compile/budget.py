@@ -1,0 +1,68 @@
+"""Mixed precision by sensitivity (option ``budget``): after the recipe's plan, rank the
+quantized layers by the error their quantization alone causes downstream — CLPS's
+measure: the largest relative output error over the layer's cross-layer chain, with only
+that layer quantized at its planned clips, on the quantized prefix — and promote the worst
+to ``budget_bits`` until a ``budget`` fraction of the quantized weights is spent."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from clq_compile.cbc import BlockData, calibrate_blockwise
+from clq_compile.clps import candidates, chain_errors
+from clq_compile.plan import Plan
+from clq_compile.runner import PlanContext
+from clq_compile.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+BUDGET_BITS = ("w8a8", "w4a8", "fp")
+
+
+def sensitivities(ctx: PlanContext, plan: Plan) -> dict[str, float]:
+    """Layer name -> downstream relative error with only that layer quantized."""
+    out: dict[str, float] = {}
+    cache: dict = {}
+
+    def decide(block: BlockData) -> None:
+        watch = {n for name in block.layers for n in candidates(ctx, name)}
+        fp_refs = ctx.runner.probe(block.envs, block.seg, watch)
+        reuse = ctx.runner.run_segment(block.seg, block.envs, commit=False)
+        for name in block.layers:
+            errs = chain_errors(ctx, plan, name, block.seg, block.envs, fp_refs, cache, reuse)
+            out[name] = max(errs.values())
+
+    calibrate_blockwise(ctx, plan, decide, prefix="all", desc="sensitivity")
+    return out
+
+
+def promote(ctx: PlanContext, plan: Plan, budget: float, to: QuantSpec | None) -> None:
+    """Promote the most sensitive layers to ``to`` (None: full precision), worst first,
+    while their weights fit in ``budget`` × the quantized layers' weights; a layer that
+    does not fit is passed over for smaller ones below it."""
+    t0 = time.perf_counter()
+    sens = sensitivities(ctx, plan)
+    layers = sorted(plan.quantized_layers(), key=lambda lp: sens[lp.name], reverse=True)
+    allowed = budget * sum(lp.in_features * lp.out_features for lp in layers)
+    spent, promoted = 0, []
+    for rank, lp in enumerate(layers, 1):
+        size = lp.in_features * lp.out_features
+        if spent + size > allowed:
+            continue
+        spent += size
+        why = f"budget: #{rank} of {len(layers)} by downstream error {sens[lp.name]:.3g}"
+        if to is None:
+            lp.spec, lp.skip_reason, lp.rank = None, f"kept in full precision ({why})", 0
+        else:
+            lp.spec = to.with_groups(lp.spec.w_group, lp.spec.a_group if to.a_bits < 16 else 0)
+            lp.w_clip = lp.a_clip = 1.0  # the recipe's clips were chosen for the lower bits
+            lp.notes.append(f"promoted to {to.name} ({why})")
+        promoted.append(lp.name)
+    total = sum(lp.in_features * lp.out_features for lp in layers)
+    plan.meta["budget"] = {
+        "fraction": budget, "to": "fp" if to is None else to.name, "promoted": promoted,
+        "sensitivity": sens, "spent": round(spent / max(total, 1), 4),
+        "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("budget %.3g: %d layers promoted to %s", budget, len(promoted),
+             "fp" if to is None else to.name)
