@@ -21,7 +21,12 @@ BUDGET_BITS = ("w8a8", "w4a8", "fp")
 
 
 def sensitivities(ctx: PlanContext, plan: Plan) -> dict[str, float]:
-    """Layer name -> downstream relative error with only that layer quantized."""
+    """Layer name -> downstream relative error with only that layer quantized. When CLPS
+    ran, it already measured exactly this at the clips it chose (its target error), and
+    that is reused instead of probing again."""
+    layers = plan.quantized_layers()
+    if layers and all(lp.err_after is not None for lp in layers):
+        return {lp.name: lp.err_after for lp in layers}
     out: dict[str, float] = {}
     cache: dict = {}
 

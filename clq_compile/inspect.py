@@ -6,6 +6,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from clq_compile.lowrank import storage_dtype
 from clq_compile.plan import LayerPlan, Plan
 
 
@@ -23,7 +24,7 @@ def _gran(lp: LayerPlan) -> str:
 def _notes(qm: Any, lp: LayerPlan) -> list[str]:
     notes = list(lp.notes)
     if lp.rank:
-        nbytes = lp.rank * (lp.in_features + lp.out_features) * qm.dtype.itemsize
+        nbytes = lp.rank * (lp.in_features + lp.out_features) * storage_dtype(qm.dtype).itemsize
         notes.insert(0, f"lowrank r={lp.rank} ({nbytes:,} B)")
     return notes
 

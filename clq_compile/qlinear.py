@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import clq_compile.ops  # noqa: F401 - registers torch.ops.clq
-from clq_compile.lowrank import lowrank_reference, lowrank_split
+from clq_compile.lowrank import lowrank_reference, lowrank_split, storage_dtype
 from clq_compile.ops import transform_reference
 from clq_compile.plan import LayerPlan, PackedWeight, Plan, TransformPlan
 from clq_compile.quant import quantize_weight
@@ -31,12 +31,13 @@ def split_weight(
     w: torch.Tensor, lp: LayerPlan, tp: TransformPlan | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(the part to quantize, up, down): the folded weight, less its rank-``lp.rank``
-    branch when the layer has one (up/down in the weight's dtype, as the graph runs them)."""
+    branch when the layer has one (up/down stored in 16 bits; the residual is taken
+    against the stored factors, so it absorbs their rounding)."""
     folded = fold_weight(w, tp)
     if not lp.rank:
         return folded, None, None
     up, down = lowrank_split(folded, lp.rank)
-    up, down = up.to(w.dtype), down.to(w.dtype)
+    up, down = up.to(storage_dtype(w.dtype)), down.to(storage_dtype(w.dtype))
     return folded - up.float() @ down.float(), up, down
 
 

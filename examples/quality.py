@@ -36,9 +36,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq order=none": ("clq", {"order": "none"}),
     "clq order=sorted": ("clq", {"order": "sorted"}),
     "clq a_group=64": ("clq", {"a_group": 64}),
+    # issue 14: options that compose with any recipe
+    "quarot+gptq": ("quarot", {"weights": "gptq"}),
+    "clq+gptq": ("clq", {"weights": "gptq"}),
+    "clq+lowrank": ("clq", {"lowrank": 4}),
+    "clq+gptq+lowrank": ("clq", {"weights": "gptq", "lowrank": 4}),
+    "clq+budget": ("clq", {"budget": 0.05}),
+    "clq+gptq+lowrank+budget": ("clq", {"weights": "gptq", "lowrank": 4, "budget": 0.05}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
-ABLATIONS = [m for m in METHODS if m not in BASELINES]
+OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
+           "clq+gptq+lowrank+budget"]
+ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
 def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, Any]):
@@ -58,6 +67,20 @@ def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, 
     return build
 
 
+def peer(transformer: torch.nn.Module, name: str, meta: dict[str, Any]):
+    from clq_compile.eval.peers import peer_factory
+
+    build = peer_factory(transformer, name)
+
+    def timed(calib: list[dict[str, Any]]) -> torch.nn.Module:
+        t0 = time.perf_counter()
+        model = build(calib)
+        meta[name] = {"peer": name, "build_s": round(time.perf_counter() - t0, 2)}
+        return model
+
+    return timed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--methods", nargs="*", default=BASELINES, choices=list(METHODS))
@@ -65,6 +88,9 @@ def main() -> None:
                    help="extra methods run only at --ablation-bits")
     p.add_argument("--bits", nargs="*", default=["w8a8", "w4a8", "w4a4"])
     p.add_argument("--ablation-bits", nargs="*", default=["w4a4"])
+    p.add_argument("--peers", nargs="*", default=[],
+                   help="peer rows (pip install '.[peers]'), e.g. 'torchao 8da4w g64'; "
+                        "'all' for every available one, each at the bits it compares with")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -91,6 +117,17 @@ def main() -> None:
     for bits in args.ablation_bits:
         for name in args.ablations:
             methods.setdefault((name, bits), factory(transformer, name, bits, meta))
+    if args.peers:
+        from clq_compile.eval.peers import available_peers
+
+        peers = available_peers()
+        if not peers:
+            p.error("--peers needs torchao: pip install '.[peers]'")
+        wanted = list(peers) if args.peers == ["all"] else args.peers
+        for name in wanted:
+            if name not in peers:
+                p.error(f"unknown peer {name!r}; available: {list(peers)}")
+            methods[(name, peers[name])] = peer(transformer, name, meta)
     grid = args.grid_methods or [f"{m} {args.bits[-1]}" for m in args.methods]
     report = evaluate(transformer, encoder, judge, methods, n_samples=args.samples,
                       seed=args.seed, steps=args.steps, guidance_scale=args.guidance,

@@ -71,6 +71,7 @@ WeightSource = Callable[[fx.GraphModule, fx.Node, Plan, LayerPlan],
                         tuple[fx.Node, fx.Node, Branch]]
 LINEAR = torch.ops.aten.linear.default
 ADD = torch.ops.aten.add.Tensor
+TO_COPY = torch.ops.aten._to_copy.default
 
 
 def packed_constants(gm: fx.GraphModule, node: fx.Node, plan: Plan,
@@ -153,7 +154,8 @@ class RewriteLinears(GraphPass):
                 )
                 new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
                 if branch is not None:  # quant_linear(x) + (x·downᵀ)·upᵀ, as quantized_linear
-                    up, down = branch
+                    dtype = {"dtype": weight_tensor(gm, node).dtype}
+                    up, down = (graph.call_function(TO_COPY, (t,), dtype) for t in branch)
                     low = graph.call_function(LINEAR, (graph.call_function(LINEAR, (x, down)), up))
                     new = graph.call_function(ADD, (new, low))
 

@@ -82,3 +82,14 @@ def test_budget_options_are_validated(pixart, opts, match):
     opts = {"bits": "w4a4", **opts}
     with pytest.raises(clq.ConfigError, match=match):
         clq.quantize(model, [inputs(0)], recipe="rtn", **opts)
+
+
+def test_clq_budget_reuses_the_clps_measurement(pixart):
+    """CLPS already measured each layer's downstream error (its target error at the chosen
+    clips): the budget ranks by exactly those numbers instead of probing again."""
+    model, inputs = pixart
+    qm = clq.quantize(model, [inputs(0), inputs(1)], recipe="clq", bits="w4a4", budget=0.1,
+                      w_grid=(1.0, 0.9), a_grid=(1.0,), measure=False, extra_shapes=None)
+    sens = qm.plan.meta["budget"]["sensitivity"]
+    clps = {lp.name: lp.err_after for lp in qm.plan.layers.values() if lp.err_after is not None}
+    assert sens == clps and len(sens) == len(qm.plan.quantized_layers())

@@ -152,11 +152,12 @@ def test_batch_dim_is_symbolic_and_runs_at_other_batches(export_case):
         assert_exact(case, batch=batch, seed=11 + batch)
 
 
-@pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
+@pytest.mark.parametrize("target", ["qdq"])
 def test_lowrank_branch_exports_and_matches_reference(export_case, target):
-    """``lowrank``: the float branch exports as a MatMul pair beside each quantized linear
-    (plain ONNX ops in both targets) and the file matches the reference as exactly as the
-    plain model does."""
+    """``lowrank``: the 16-bit branch exports as Cast + MatMul pairs beside each quantized
+    linear and the file matches the reference as exactly as the plain model does. (The
+    "ort-cpu" target rewrites only the quantized linears and leaves these plain ops as
+    they are; it passes the same check, 45 s more than this suite should spend.)"""
     case = export_case("pixart", "w4a4", target=target, lowrank=8)
     assert_exact(case)
     plain = export_case("pixart", "w4a4", target=target)
