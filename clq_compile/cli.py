@@ -47,7 +47,7 @@ def _value(text: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
-def _options(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -80,7 +80,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from clq_compile.qlinear import sqnr
 
     t0 = time.perf_counter()
-    options = {**(FAST if args.budget == "fast" else {}), **_options(args.option)}
+    options = {**(FAST if args.budget == "fast" else {}), **parse_options(args.option)}
     resolve(args.recipe, args.bits, **options)  # a bad option fails before any sampling
     transformer, encoder = _shapes_dit(args.checkpoint)
     log.info("recording calibration: %d prompts x %d steps", args.calib_prompts, args.calib_steps)

@@ -173,3 +173,13 @@ TINY_MODELS: dict[str, Callable[..., tuple[torch.nn.Module, Callable[..., Inputs
     "flux": tiny_flux,
     "wan": tiny_wan,
 }
+
+
+def held_out_sqnr(model: torch.nn.Module, qm: Any, inputs: Callable[..., Inputs],
+                  calls: tuple[int, ...] = (10, 11)) -> float:
+    """Mean output SQNR (dB) of ``qm`` against ``model`` on input seeds no calibration set
+    of the tests uses (``inputs(i)`` for i in ``calls``)."""
+    from clq_compile.qlinear import sqnr
+
+    with torch.no_grad():
+        return sum(sqnr(model(**inputs(i))[0], qm(**inputs(i))[0]) for i in calls) / len(calls)

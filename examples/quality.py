@@ -39,10 +39,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # issue 14: options that compose with any recipe
     "quarot+gptq": ("quarot", {"weights": "gptq"}),
     "clq+gptq": ("clq", {"weights": "gptq"}),
-    "clq+lowrank": ("clq", {"lowrank": 4}),
-    "clq+gptq+lowrank": ("clq", {"weights": "gptq", "lowrank": 4}),
+    "clq+lowrank": ("clq", {"lowrank": 8}),
+    "clq+gptq+lowrank": ("clq", {"weights": "gptq", "lowrank": 8}),
     "clq+budget": ("clq", {"budget": 0.05}),
-    "clq+gptq+lowrank+budget": ("clq", {"weights": "gptq", "lowrank": 4, "budget": 0.05}),
+    "clq+gptq+lowrank+budget": ("clq", {"weights": "gptq", "lowrank": 8, "budget": 0.05}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",

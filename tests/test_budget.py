@@ -8,18 +8,13 @@ import torch
 import clq_compile as clq
 from clq_compile.annotations import linear_info
 from clq_compile.passes.rewrite import QUANT_LINEAR
-from clq_compile.qlinear import sqnr
-from clq_compile.testing import tiny_pixart
+from clq_compile.testing import held_out_sqnr, tiny_pixart
 
 
 @pytest.fixture(scope="module")
 def pixart():
     return tiny_pixart()
 
-
-def _held_out(model, qm, inputs):
-    with torch.no_grad():
-        return sum(sqnr(model(**inputs(i))[0], qm(**inputs(i))[0]) for i in (10, 11)) / 2
 
 
 def test_budget_promotes_the_most_sensitive_layers_within_the_budget(pixart):
@@ -47,7 +42,7 @@ def test_budget_promotes_the_most_sensitive_layers_within_the_budget(pixart):
             if n.target == QUANT_LINEAR}
     assert {n for n, b in bits.items() if b == 8} == set(want)
     assert f"promoted to w8a8 (budget: #1 of {len(size)}" in clq.inspect(qm)
-    assert _held_out(model, qm, inputs) > _held_out(model, base, inputs)
+    assert held_out_sqnr(model, qm, inputs) > held_out_sqnr(model, base, inputs)
 
 
 def test_a_planted_outlier_layer_is_the_most_sensitive():

@@ -11,7 +11,7 @@ from clq_compile.ops import quant_linear_reference, transform_reference
 from clq_compile.plan import TransformPlan
 from clq_compile.quant import quantize_weight
 from clq_compile.rounding import transformed_hessian
-from clq_compile.testing import tiny_pixart
+from clq_compile.testing import held_out_sqnr, tiny_pixart
 
 
 def _correlated(n: int, k: int, seed: int) -> torch.Tensor:
@@ -76,12 +76,6 @@ def test_transformed_hessian_is_the_hessian_of_transformed_inputs():
                                atol=1e-5)
 
 
-def _held_out_sqnr(model, qm, inputs):
-    from clq_compile.qlinear import sqnr
-
-    with torch.no_grad():
-        return sum(sqnr(model(**inputs(i))[0], qm(**inputs(i))[0]) for i in (10, 11)) / 2
-
 
 @pytest.mark.parametrize("recipe", ["rtn", "smoothquant", "quarot", "clq"])
 def test_every_recipe_takes_gptq_and_gains(recipe):
@@ -99,7 +93,7 @@ def test_every_recipe_takes_gptq_and_gains(recipe):
     for pw in gptq.plan.weights.values():
         assert any(torch.equal(pw.w_q, t) for k, t in state.items() if k.endswith("_w_q"))
     # measured on this random-weight model: +7.5 dB (rtn, quarot, clq) held out
-    assert _held_out_sqnr(model, gptq, inputs) > _held_out_sqnr(model, rtn, inputs) + 3
+    assert held_out_sqnr(model, gptq, inputs) > held_out_sqnr(model, rtn, inputs) + 3
     assert "gptq" in clq.inspect(gptq)
 
 

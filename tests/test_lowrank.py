@@ -12,7 +12,7 @@ from clq_compile.passes.rewrite import LINEAR, QUANT_LINEAR
 from clq_compile.plan import LayerPlan
 from clq_compile.qlinear import pack_weight, quantized_linear, sqnr
 from clq_compile.spec import parse_bits
-from clq_compile.testing import tiny_pixart
+from clq_compile.testing import held_out_sqnr, tiny_pixart
 
 
 def test_split_is_the_truncated_svd():
@@ -51,10 +51,6 @@ def pixart():
     return tiny_pixart()
 
 
-def _held_out(model, qm, inputs):
-    with torch.no_grad():
-        return sum(sqnr(model(**inputs(i))[0], qm(**inputs(i))[0]) for i in (10, 11)) / 2
-
 
 def test_lowrank_in_the_graph_inspect_and_save_load(pixart, tmp_path):
     model, inputs = pixart
@@ -71,7 +67,7 @@ def test_lowrank_in_the_graph_inspect_and_save_load(pixart, tmp_path):
     # calibration measured what the graph runs: per-layer SQNR is finite and the model
     # output gains on held-out calls (measured +2.5 dB on this random-weight model)
     assert all(lp.sqnr_db is not None for lp in qm.plan.quantized_layers())
-    assert _held_out(model, qm, inputs) > _held_out(model, base, inputs) + 1
+    assert held_out_sqnr(model, qm, inputs) > held_out_sqnr(model, base, inputs) + 1
     text = clq.inspect(qm)
     assert "lowrank r=8" in text
     assert qm.weight_bytes() > base.weight_bytes()
@@ -88,7 +84,7 @@ def test_lowrank_composes_with_gptq(pixart):
     low = clq.quantize(model, calib, **kw)
     both = clq.quantize(model, calib, weights="gptq", **kw)
     assert all(pw.up is not None for pw in both.plan.weights.values())
-    assert _held_out(model, both, inputs) > _held_out(model, low, inputs) + 1
+    assert held_out_sqnr(model, both, inputs) > held_out_sqnr(model, low, inputs) + 1
 
 
 def test_lowrank_is_validated_and_refused_by_the_backend(pixart):
