@@ -10,15 +10,12 @@ ratios CLPS chose and every lowering stay as they are; only the integers change.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from clq_compile.errors import QuantizationError
 from clq_compile.quant import pack_int4, qrange, symmetric_scale
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -54,3 +54,4 @@ def solve_gptq(ctx: PlanContext, plan: Plan, damp: float, act_order: bool) -> No
 
     calibrate_blockwise(ctx, plan, decide, prefix="all", desc="gptq", hessians=True)
     plan.meta["gptq_s"] = round(time.perf_counter() - t0, 3)
+    log.info("gptq: %d layers solved in %.1f s", len(plan.weights), plan.meta["gptq_s"])
