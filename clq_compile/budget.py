@@ -10,7 +10,7 @@ import logging
 import time
 
 from clq_compile.cbc import BlockData, calibrate_blockwise
-from clq_compile.clps import candidates, chain_errors
+from clq_compile.clps import block_references, chain_errors
 from clq_compile.plan import Plan
 from clq_compile.runner import PlanContext
 from clq_compile.spec import QuantSpec
@@ -31,9 +31,7 @@ def sensitivities(ctx: PlanContext, plan: Plan) -> dict[str, float]:
     cache: dict = {}
 
     def decide(block: BlockData) -> None:
-        watch = {n for name in block.layers for n in candidates(ctx, name)}
-        fp_refs = ctx.runner.probe(block.envs, block.seg, watch)
-        reuse = ctx.runner.run_segment(block.seg, block.envs, commit=False)
+        fp_refs, reuse = block_references(ctx, block.seg, block.layers, block.envs)
         for name in block.layers:
             errs = chain_errors(ctx, plan, name, block.seg, block.envs, fp_refs, cache, reuse)
             out[name] = max(errs.values())
@@ -49,7 +47,8 @@ def promote(ctx: PlanContext, plan: Plan, budget: float, to: QuantSpec | None) -
     t0 = time.perf_counter()
     sens = sensitivities(ctx, plan)
     layers = sorted(plan.quantized_layers(), key=lambda lp: sens[lp.name], reverse=True)
-    allowed = budget * sum(lp.in_features * lp.out_features for lp in layers)
+    total = sum(lp.in_features * lp.out_features for lp in layers)
+    allowed = budget * total
     spent, promoted = 0, []
     for rank, lp in enumerate(layers, 1):
         size = lp.in_features * lp.out_features
@@ -64,7 +63,6 @@ def promote(ctx: PlanContext, plan: Plan, budget: float, to: QuantSpec | None) -
             lp.w_clip = lp.a_clip = 1.0  # the recipe's clips were chosen for the lower bits
             lp.notes.append(f"promoted to {to.name} ({why})")
         promoted.append(lp.name)
-    total = sum(lp.in_features * lp.out_features for lp in layers)
     plan.meta["budget"] = {
         "fraction": budget, "to": "fp" if to is None else to.name, "promoted": promoted,
         "sensitivity": sens, "spent": round(spent / max(total, 1), 4),

@@ -55,6 +55,15 @@ def downstream(node: fx.Node) -> set[fx.Node]:
     return out
 
 
+def block_references(ctx: PlanContext, seg: int, layers: Sequence[str],
+                     envs: list[dict]) -> tuple[dict[fx.Node, list[torch.Tensor]], list[dict]]:
+    """What probing the layers of block ``seg`` compares against: the float outputs of
+    every layer of their chains (``fp_refs``), and the block's own float values per call
+    (``reuse``, so a probe recomputes only what depends on the probed layer)."""
+    watch = {n for name in layers for n in candidates(ctx, name)}
+    return ctx.runner.probe(envs, seg, watch), ctx.runner.run_segment(seg, envs, commit=False)
+
+
 def chain_errors(
     ctx: PlanContext,
     plan: Plan,
@@ -65,15 +74,16 @@ def chain_errors(
     cache: dict | None = None,
     reuse: list[dict] | None = None,
     clips: tuple[float, float] | None = None,
+    targets: Sequence[fx.Node] | None = None,
 ) -> dict[fx.Node, float]:
-    """Relative output error of each layer of ℓ's chain with only ℓ quantized (at
-    ``clips``, default the plan's). ``reuse``: see :func:`search_layer`."""
+    """Relative output error of each layer of ℓ's chain (or of ``targets``) with only ℓ
+    quantized (at ``clips``, default the plan's). ``reuse``: see :func:`block_references`."""
     probe = PlanOverride(ctx, plan, only={name}, clips={name: clips} if clips else None,
                          cache=cache)
-    cands = candidates(ctx, name)
-    outs = ctx.runner.probe(envs, seg, set(cands), probe, reuse=reuse,
+    watch = candidates(ctx, name) if targets is None else list(targets)
+    outs = ctx.runner.probe(envs, seg, set(watch), probe, reuse=reuse,
                             dirty=downstream(ctx.nodes[name]))
-    return {n: relative_error(fp_refs[n], outs[n]) for n in cands}
+    return {n: relative_error(fp_refs[n], outs[n]) for n in watch}
 
 
 def search_layer(
@@ -88,16 +98,9 @@ def search_layer(
     cache: dict | None = None,
     reuse: list[dict] | None = None,
 ) -> SearchResult:
-    """``reuse``: float values of segment ``seg`` per call, so nodes of that segment that
-    do not depend on ℓ are not recomputed for every probe."""
+    """``fp_refs``, ``reuse``: see :func:`block_references`."""
     errs = chain_errors(ctx, plan, name, seg, envs, fp_refs, cache, reuse, clips=(1.0, 1.0))
     target = max(errs, key=errs.get)
-    probe = PlanOverride(ctx, plan, only={name}, clips={}, cache=cache)
-    dirty = downstream(ctx.nodes[name])
-
-    def run(watch: set[fx.Node]) -> dict[fx.Node, list[torch.Tensor]]:
-        return ctx.runner.probe(envs, seg, watch, probe, reuse=reuse, dirty=dirty)
-
     best = (errs[target], 1.0, 1.0)
     probes = 1
     a_values = a_grid if plan.layers[name].spec.a_bits < 16 else (1.0,)
@@ -105,8 +108,8 @@ def search_layer(
         for ac in a_values:
             if (wc, ac) == (1.0, 1.0):
                 continue
-            probe.clips[name] = (wc, ac)
-            e = relative_error(fp_refs[target], run({target})[target])
+            e = chain_errors(ctx, plan, name, seg, envs, fp_refs, cache, reuse, (wc, ac),
+                             targets=[target])[target]
             probes += 1
             if e < best[0]:
                 best = (e, wc, ac)

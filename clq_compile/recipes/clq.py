@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from clq_compile.cbc import PREFIXES, BlockData, calibrate_blockwise
-from clq_compile.clps import candidates, search_layer
+from clq_compile.clps import block_references, search_layer
 from clq_compile.options import (
     boolean,
     choice,
@@ -72,9 +72,7 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
             return
         t0 = time.perf_counter()
         envs = block.envs[: config.clps_samples]
-        watch = {n for name in block.layers for n in candidates(ctx, name)}
-        fp_refs = ctx.runner.probe(envs, block.seg, watch)
-        reuse = ctx.runner.run_segment(block.seg, envs, commit=False)
+        fp_refs, reuse = block_references(ctx, block.seg, block.layers, envs)
         for name in block.layers:
             r = search_layer(ctx, plan, name, block.seg, envs, fp_refs, config.w_grid,
                              config.a_grid, cache, reuse)
