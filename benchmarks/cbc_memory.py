@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from pixart_like import pixart_like
 from tabulate import tabulate
 
 import clq_compile as clq
@@ -26,26 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def pixart_alpha(tokens_side: int, batch: int, calls: int):
     """PixArt-α-size transformer (28 blocks, 16×72 = 1152 hidden), random weights."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-        num_layers=28, cross_attention_dim=1152, sample_size=tokens_side * 2, patch_size=2,
-        caption_channels=4096, num_embeds_ada_norm=1000,
-    ).eval()
-
-    def call(i: int) -> dict:
-        g = torch.Generator().manual_seed(i)
-        return dict(
-            hidden_states=torch.randn(batch, 4, tokens_side * 2, tokens_side * 2, generator=g),
-            encoder_hidden_states=torch.randn(batch, 16, 4096, generator=g),
-            timestep=torch.randint(0, 1000, (batch,), generator=g),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )
-
-    return model, [call(i) for i in range(calls)]
+    return pixart_like(28, 16, tokens_side, batch, calls)
 
 
 def shapes(calls: int):

@@ -65,6 +65,22 @@ def environment() -> dict[str, Any]:
     }
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU a CPU benchmark ran on (model, logical CPUs, int8 dot-product extensions)."""
+    import os
+
+    info: dict[str, Any] = {"machine": platform.machine(), "logical_cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                             if line.startswith("model name"))
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+        info["int8_dot"] = sorted({f for f in flags if "vnni" in f or f.startswith("amx")})
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
 def bench_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of ``fn`` (triton.testing.do_bench: flushes L2 before each
     repetition, warms up first, reports the median)."""

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import onnxscript
 import torch
+from common import cpu_info
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from tabulate import tabulate
 
@@ -92,19 +93,6 @@ def time_sessions(runs: dict[str, tuple[ort.InferenceSession, dict]], repeats: i
 def rel(a: np.ndarray, b: torch.Tensor) -> float:
     a64, b64 = torch.from_numpy(a).double(), b.detach().double()
     return float((a64 - b64).norm() / b64.norm())
-
-
-def cpu_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"machine": platform.machine(), "logical_cpus": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["model"] = next(line.split(":", 1)[1].strip() for line in text.splitlines()
-                             if line.startswith("model name"))
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-        info["int8_dot"] = sorted({f for f in flags if "vnni" in f or f.startswith("amx")})
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

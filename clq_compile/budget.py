@@ -32,9 +32,9 @@ def sensitivities(ctx: PlanContext, plan: Plan) -> dict[str, float]:
 
     def decide(block: BlockData) -> None:
         fp_refs, reuse = block_references(ctx, block.seg, block.layers, block.envs)
-        for name in block.layers:
-            errs = chain_errors(ctx, plan, name, block.seg, block.envs, fp_refs, cache, reuse)
-            out[name] = max(errs.values())
+        out.update(ctx.shard.map(lambda name: max(chain_errors(
+            ctx, plan, name, block.seg, block.envs, fp_refs, cache, reuse).values()),
+            block.layers))
 
     calibrate_blockwise(ctx, plan, decide, prefix="all", desc="sensitivity")
     return out

@@ -83,7 +83,7 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
     t1 = time.perf_counter()
     plan = handler(config)(ctx, config)
     if config.budget:
-        promote(ctx, plan, config.budget, config.budget_spec())
+        promote(ctx, plan, config.budget, config.budget_spec(spec))
     if config.weights == "gptq":
         solve_gptq(ctx, plan, config.damp, config.act_order)
     t2 = time.perf_counter()
@@ -94,6 +94,8 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
         analyze_s=round(t1 - t0, 3), plan_s=round(t2 - t1, 3),
         measure_s=round(time.perf_counter() - t2, 3) if measure else 0.0, config=repr(config),
     )
+    if ctx.shard.world > 1:
+        plan.meta["ranks"] = ctx.shard.world
     report_coverage(plan, set(skip_reasons(config).values()), budget=bool(config.budget))
     return plan
 

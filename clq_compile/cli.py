@@ -2,6 +2,7 @@
 from the shell.
 
     clq quantize --out q/                       # the committed shapes DiT, clq W4A4
+    torchrun --nproc-per-node 2 -m clq_compile quantize --out q/   # work split over 2 ranks
     clq inspect q/
     clq export-onnx q/ q.onnx --target ort-cpu
     clq sample q/ --prompt "red circle top-left" --out grid.png
@@ -74,6 +75,13 @@ def _source_checkpoint(qm: Any, path: Path) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from clq_compile.shard import process_group_from_env
+
+    with process_group_from_env() as shard:  # under torchrun: the work split across ranks
+        return _quantize(args, shard.rank)
+
+
+def _quantize(args: argparse.Namespace, rank: int) -> int:
     import clq_compile as clq
     from clq_compile.build import resolve
     from clq_compile.eval import calibration_calls
@@ -92,6 +100,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     qm = clq.quantize(transformer, calib, recipe=args.recipe, bits=args.bits, **options)
     qm.source["checkpoint"] = args.checkpoint or BUILTIN
     t2 = time.perf_counter()
+    if rank:  # every rank holds the same model; rank 0 saves and reports
+        return 0
     qm.save(args.out)
     with torch.no_grad():
         db = sqnr(torch.cat([transformer(**c)[0] for c in calib]),

@@ -37,20 +37,24 @@ def solve_gptq(ctx: PlanContext, plan: Plan, damp: float, act_order: bool) -> No
 
     def decide(block: BlockData) -> None:
         hessians: dict[int, torch.Tensor] = {}
-        for name in block.layers:
+
+        def solve(name: str) -> tuple[PackedWeight, float]:
             lp = plan.layers[name]
             tp = plan.transform_of(lp)
             if lp.group not in hessians:
                 hessians[lp.group] = transformed_hessian(block.stats[lp.group].hessian.mean(), tp)
-            spec = lp.spec
             residual, up, down = split_weight(ctx.weight(name), lp, tp)
             w_q, scale, used = gptq_quantize(
-                residual, hessians[lp.group], spec.w_bits, spec.w_group, lp.w_clip,
+                residual, hessians[lp.group], lp.spec.w_bits, lp.spec.w_group, lp.w_clip,
                 damp=damp, act_order=act_order)
-            plan.weights[name] = PackedWeight(w_q, scale, up, down)
-            lp.rounding = "gptq"
+            return PackedWeight(w_q, scale, up, down), used
+
+        for name, (packed, used) in ctx.shard.map(solve, block.layers).items():
+            plan.weights[name] = packed
+            plan.layers[name].rounding = "gptq"
             if used != damp:
-                lp.notes.append(f"gptq dampening raised to {used:g} (singular Hessian)")
+                plan.layers[name].notes.append(
+                    f"gptq dampening raised to {used:g} (singular Hessian)")
 
     calibrate_blockwise(ctx, plan, decide, prefix="all", desc="gptq", hessians=True)
     plan.meta["gptq_s"] = round(time.perf_counter() - t0, 3)

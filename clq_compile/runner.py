@@ -22,6 +22,7 @@ from clq_compile.errors import CalibrationError
 from clq_compile.passes.blocks import SEGMENT_KEY
 from clq_compile.passes.find_linears import fetch_attr, weight_tensor
 from clq_compile.plan import LayerPlan, Plan
+from clq_compile.shard import Shard
 from clq_compile.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class PlanContext:
     flat_calib: list[list[Any]]
     runner: GraphRunner
     rank: int = 0  # low-rank branch of every quantized layer (option ``lowrank``)
+    shard: Shard = field(default_factory=Shard)  # this process's share of per-layer work
     nodes: dict[str, fx.Node] = field(default_factory=dict)  # layer name -> linear node
 
     def __post_init__(self) -> None:

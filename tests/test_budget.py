@@ -22,7 +22,7 @@ def test_budget_promotes_the_most_sensitive_layers_within_the_budget(pixart):
     calib = [inputs(i) for i in range(3)]
     kw = dict(recipe="quarot", bits="w4a4", extra_shapes=None, measure=False)
     base = clq.quantize(model, calib, **kw)
-    qm = clq.quantize(model, calib, budget=0.25, **kw)
+    qm = clq.quantize(model, calib, budget=0.25, budget_bits="w8a8", **kw)
     meta = qm.plan.meta["budget"]
     sens = meta["sensitivity"]
     size = {lp.name: lp.in_features * lp.out_features for lp in base.plan.quantized_layers()}
@@ -70,7 +70,10 @@ def test_budget_to_full_precision_is_asked_for_not_a_coverage_warning(pixart, ca
 @pytest.mark.parametrize("opts,match", [
     ({"budget": 1.5}, r"budget=1.5"),
     ({"budget": 0.1, "budget_bits": "w4a4"}, r"budget_bits='w4a4'"),
-    ({"budget": 0.1, "bits": "w8a8"}, r"budget_bits='w8a8' is what bits='w8a8' already"),
+    ({"budget": 0.1, "bits": "w8a8", "budget_bits": "w8a8"},
+     r"budget_bits='w8a8' is not above bits='w8a8'"),
+    ({"budget": 0.1, "bits": "w8a8", "budget_bits": "w4a8"},
+     r"budget_bits='w4a8' is not above bits='w8a8'"),
 ])
 def test_budget_options_are_validated(pixart, opts, match):
     model, inputs = pixart
@@ -88,3 +91,16 @@ def test_clq_budget_reuses_the_clps_measurement(pixart):
     sens = qm.plan.meta["budget"]["sensitivity"]
     clps = {lp.name: lp.err_after for lp in qm.plan.layers.values() if lp.err_after is not None}
     assert sens == clps and len(sens) == len(qm.plan.quantized_layers())
+
+
+@pytest.mark.parametrize("bits,to", [
+    ("w4a4", "w4a8"), ("w4a8", "w8a8"), ("w4a16", "fp"), ("w8a8", "fp")])
+def test_auto_budget_takes_the_cheapest_step_up(pixart, bits, to):
+    """a4 -> a8 first: at W4A4 the promoted layers keep their 4-bit weights (no bytes)."""
+    model, inputs = pixart
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits=bits, budget=0.1,
+                      measure=False, extra_shapes=None)
+    meta = qm.plan.meta["budget"]
+    assert meta["to"] == to and meta["promoted"]
+    if to != "fp":
+        assert {qm.plan.layers[n].spec.name for n in meta["promoted"]} == {to}

@@ -108,3 +108,22 @@ def test_sample_of_a_model_not_from_a_shapes_checkpoint(tmp_path, capsys):
     clq.quantize(model, [inputs(0)], bits="w8a8", extra_shapes=None).save(tmp_path / "p")
     assert main(["sample", str(tmp_path / "p"), "--prompt", "red circle top-left"]) == 2
     assert "was not quantized from a shapes-DiT checkpoint" in capsys.readouterr().err
+
+
+def test_quantize_under_torchrun_splits_the_work_and_saves_once(checkpoint, tmp_path):
+    """The README's command: two gloo ranks, each doing half of CLPS's probes; rank 0
+    saves. (That the plan equals one process's is tests/test_shard.py.)"""
+    out = tmp_path / "q"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "clq_compile", "--threads", "1", "quantize", "--checkpoint", str(checkpoint),
+         "--out", str(out), "--budget", "fast", "--calib-prompts", "2", "--calib-steps", "2",
+         "--steps", "4", "-o", "window=1"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("saved") == 1
+    import clq_compile as clq
+
+    meta = clq.load(out).plan.meta
+    assert meta["ranks"] == 2
+    assert meta["clps_probes_per_rank"][0] == meta["clps_probes_per_rank"][1] > 0

@@ -45,8 +45,10 @@ class RecipeConfig:
     lowrank: int = option(0, integer(0))
     # Mixed precision: promote the most sensitive layers to ``budget_bits`` ("fp": full
     # precision) while they hold at most a ``budget`` fraction of the quantized weights.
+    # "auto": the cheapest step up (a4 -> a8 at the same weights, which costs no bytes;
+    # w4a8 -> w8a8; weight-only or w8a8 -> fp).
     budget: float = option(0.0, real(0.0, 1.0))
-    budget_bits: str = option("w8a8", choice(*BUDGET_BITS))
+    budget_bits: str = option("auto", choice("auto", *BUDGET_BITS))
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -65,12 +67,21 @@ class RecipeConfig:
             raise ConfigError(
                 f"option a_group={spec.a_group} has no effect with weight-only bits "
                 f"{spec.name} (activations stay in float): drop it or quantize activations")
-        if self.budget and self.budget_bits == spec.name:
-            raise ConfigError(
-                f"option budget_bits={self.budget_bits!r} is what bits={spec.name!r} already "
-                f"gives: promote to one of {[b for b in BUDGET_BITS if b != spec.name]}")
+        if self.budget and self.budget_bits != "auto":
+            to = self.budget_spec(spec)
+            higher = to is None or (to.w_bits >= spec.w_bits and to.a_bits >= spec.a_bits
+                                    and to.name != spec.name)
+            if not higher:
+                raise ConfigError(
+                    f"option budget_bits={self.budget_bits!r} is not above bits={spec.name!r} "
+                    f"(it must raise weight or activation bits and lower neither): use "
+                    f"'auto' or one of {[b for b in BUDGET_BITS if b != spec.name]}")
         return spec
 
-    def budget_spec(self) -> QuantSpec | None:
-        """What ``budget`` promotes to (None: full precision)."""
+    def budget_spec(self, spec: QuantSpec) -> QuantSpec | None:
+        """What ``budget`` promotes layers of ``spec`` to (None: full precision)."""
+        if self.budget_bits == "auto":
+            if spec.a_bits == 4:
+                return QuantSpec(spec.w_bits, 8)
+            return parse_bits("w8a8") if (spec.w_bits, spec.a_bits) == (4, 8) else None
         return None if self.budget_bits == "fp" else parse_bits(self.budget_bits)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from clq_compile.cbc import PREFIXES, BlockData, calibrate_blockwise
-from clq_compile.clps import block_references, search_layer
+from clq_compile.clps import SEARCHES, block_references, search_layer
 from clq_compile.options import (
     boolean,
     choice,
@@ -43,6 +43,7 @@ class CLQConfig(RecipeConfig):
     w_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8), grid)
     a_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8, 0.7), grid)
     clps_samples: int = option(4, integer(1))
+    clps_search: str = option("exact", choice(*SEARCHES))  # see clps.search_layer
 
     def resolved_order(self, a_group: int) -> str:
         if self.order != "auto":
@@ -54,7 +55,9 @@ class CLQConfig(RecipeConfig):
 def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
     plan = ctx.base_plan(config.name)
     cache: dict = {}
-    clps_time = [0.0, 0]
+    clps_time = [0.0]
+    probes: dict[str, int] = {}
+    calls: dict[str, int] = {}  # calibration calls the probes ran
 
     def decide(block: BlockData) -> None:
         for g, st in block.stats.items():
@@ -73,16 +76,21 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
         t0 = time.perf_counter()
         envs = block.envs[: config.clps_samples]
         fp_refs, reuse = block_references(ctx, block.seg, block.layers, envs)
-        for name in block.layers:
-            r = search_layer(ctx, plan, name, block.seg, envs, fp_refs, config.w_grid,
-                             config.a_grid, cache, reuse)
+        found = ctx.shard.map(lambda name: search_layer(
+            ctx, plan, name, block.seg, envs, fp_refs, config.w_grid, config.a_grid, cache,
+            reuse, config.clps_search), block.layers)
+        for name, r in found.items():
             lp = plan.layers[name]
             lp.target, lp.err_before, lp.err_after = r.target, r.err_before, r.err_after
             lp.w_clip, lp.a_clip = r.w_clip, r.a_clip
-            clps_time[1] += r.probes
+            probes[name], calls[name] = r.probes, r.calls
         clps_time[0] += time.perf_counter() - t0
 
     calibrate_blockwise(ctx, plan, decide, prefix=config.cbc, desc="clq", keep_tokens=(
         256 if config.percentile is not None else 0))
-    plan.meta.update(clps_s=round(clps_time[0], 3), clps_probes=clps_time[1])
+    plan.meta.update(clps_s=round(clps_time[0], 3), clps_probes=sum(probes.values()),
+                     clps_probe_calls=sum(calls.values()))
+    if ctx.shard.world > 1:
+        plan.meta["clps_probes_per_rank"] = ctx.shard.per_rank(probes)
+        plan.meta["clps_probe_calls_per_rank"] = ctx.shard.per_rank(calls)
     return plan

@@ -1,0 +1,96 @@
+"""What the clq W4A4 plan costs as models grow: wall time, CLPS probes and peak RSS on
+PixArt-α-shaped transformers (random weights) at several depths and widths.
+
+Each configuration runs in its own process, so its peak RSS is its own. A configuration
+is ``DEPTHxHEADS`` (width = 72 · heads; PixArt-α is ``28x16``, hidden 1152).
+
+    python benchmarks/calib_scale.py                                 # the default sweep
+    python benchmarks/calib_scale.py --configs 28x16 --calls 4       # PixArt-α size
+    python benchmarks/calib_scale.py -o clps_samples=2 --out calib_scale_fast.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import cpu_info
+from tabulate import tabulate
+
+RESULTS = Path(__file__).parent / "results"
+DEFAULT_CONFIGS = ["1x16", "2x16", "2x8", "2x4"]
+
+
+def one(depth: int, heads: int, calls: int, tokens_side: int, threads: int,
+        options: dict) -> dict:
+    """Plan one configuration in this process; the row for the results file."""
+    from pixart_like import pixart_like
+
+    import clq_compile as clq
+
+    torch.set_num_threads(threads)
+    model, calib = pixart_like(depth, heads, tokens_side, calls=calls)
+    t0 = time.perf_counter()
+    qm = clq.quantize(model, calib, recipe="clq", bits="w4a4", measure=False,
+                      extra_shapes=None, **options)
+    wall = time.perf_counter() - t0
+    meta = qm.plan.meta
+    probes = meta.get("clps_probes", 0)
+    return dict(
+        depth=depth, width=72 * heads, tokens=tokens_side ** 2, calls=calls,
+        quantized=len(qm.plan.quantized_layers()), quantize_s=round(wall, 1),
+        plan_s=meta.get("plan_s"), clps_s=meta.get("clps_s"), clps_probes=probes,
+        ms_per_probe=round(1e3 * meta.get("clps_s", 0) / max(probes, 1), 1),
+        calib_peak_mib=round(meta.get("calib_peak_bytes", 0) / 2**20, 1),
+        peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS)
+    ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--tokens-side", type=int, default=16, help="16: 256 image tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="clq recipe option, e.g. -o clps_samples=2")
+    ap.add_argument("--out", default="calib_scale.json")
+    ap.add_argument("--one", nargs=2, type=int, metavar=("DEPTH", "HEADS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from clq_compile.cli import parse_options
+
+    options = parse_options(args.option)
+    if args.one:
+        row = one(*args.one, args.calls, args.tokens_side, args.threads, options)
+        print(json.dumps(row))
+        return
+    rows = []
+    for cfg in args.configs:
+        depth, _, heads = cfg.partition("x")
+        cmd = [sys.executable, __file__, "--one", depth, heads, "--calls", str(args.calls),
+               "--tokens-side", str(args.tokens_side), "--threads", str(args.threads),
+               *[f"-o{o}" for o in args.option]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"{cfg} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(tabulate([rows[-1]], headers="keys"), flush=True)
+    print(tabulate(rows, headers="keys"))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / args.out
+    path.write_text(json.dumps(dict(
+        rows=rows, options=options, threads=args.threads, cpu=cpu_info(), torch=torch.__version__,
+        date=datetime.date.today().isoformat()), indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

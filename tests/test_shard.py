@@ -1,0 +1,73 @@
+"""Sharded calibration (issue 15): two gloo ranks on CPU split each block's CLPS probes,
+sensitivity probes and GPTQ solves, and end with the plan one process builds, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import clq_compile as clq
+from clq_compile.shard import Shard
+from clq_compile.testing import tiny_pixart
+
+# Small grids keep the run short; gptq and budget make every sharded stage run.
+OPTIONS = dict(recipe="clq", bits="w4a4", weights="gptq", budget=0.1,
+               w_grid=(1.0, 0.9), a_grid=(1.0, 0.9, 0.8), measure=False, extra_shapes=None)
+
+
+def _plan(calls: int = 3):
+    torch.set_num_threads(1)  # the same arithmetic in every process
+    model, inputs = tiny_pixart()
+    return clq.quantize(model, [inputs(i) for i in range(calls)], **OPTIONS).plan
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        plan = _plan()
+        state, tensors = plan.to_state()
+        torch.save({"state": state, "tensors": tensors}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _comparable(state: dict) -> dict:
+    meta = {k: v for k, v in state["meta"].items()
+            if not k.endswith("_s") and k not in ("ranks", "clps_probes_per_rank",
+                                                  "calib_peak_bytes")}
+    budget = {k: v for k, v in meta.pop("budget", {}).items() if k != "seconds"}
+    return {**state, "meta": meta, "budget": budget}
+
+
+def test_two_ranks_build_the_plan_one_process_builds(tmp_path):
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single_state, single_tensors = _plan().to_state()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for got in ranks:
+        assert _comparable(got["state"]) == _comparable(single_state)
+        assert got["tensors"].keys() == single_tensors.keys()
+        for k, t in single_tensors.items():
+            assert torch.equal(got["tensors"][k], t), k
+    # each rank did half the probes (the layers are dealt round-robin over the model)
+    per_rank = ranks[0]["state"]["meta"]["clps_probes_per_rank"]
+    assert sum(per_rank) == single_state["meta"]["clps_probes"]
+    assert max(per_rank) <= 1.1 * min(per_rank), per_rank
+    assert ranks[0]["state"]["meta"]["ranks"] == 2
+
+
+def test_one_process_does_everything():
+    shard = Shard()
+    assert (shard.rank, shard.world) == (0, 1)
+    assert shard.map(lambda x: x * x, [3, 1, 2]) == {3: 9, 1: 1, 2: 4}
+    assert shard.per_rank({3: 5, 1: 1}) == [6]
