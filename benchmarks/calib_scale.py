@@ -2,7 +2,8 @@
 PixArt-α-shaped transformers (random weights) at several depths and widths.
 
 Each configuration runs in its own process, so its peak RSS is its own. A configuration
-is ``DEPTHxHEADS`` (width = 72 · heads; PixArt-α is ``28x16``, hidden 1152).
+is ``DEPTHxHEADS`` (width = 72 · heads; PixArt-α is ``28x16``, hidden 1152), optionally
+``:CALLS`` (calibration calls; default ``--calls``).
 
     python benchmarks/calib_scale.py                                 # the default sweep
     python benchmarks/calib_scale.py --configs 28x16 --calls 4       # PixArt-α size
@@ -25,7 +26,7 @@ from common import cpu_info
 from tabulate import tabulate
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_CONFIGS = ["1x16", "2x16", "2x8", "2x4"]
+DEFAULT_CONFIGS = ["2x4", "2x8", "4x8", "2x8:2", "2x8:8", "1x16", "2x16"]
 
 
 def one(depth: int, heads: int, calls: int, tokens_side: int, threads: int,
@@ -74,8 +75,9 @@ def main() -> None:
         return
     rows = []
     for cfg in args.configs:
-        depth, _, heads = cfg.partition("x")
-        cmd = [sys.executable, __file__, "--one", depth, heads, "--calls", str(args.calls),
+        shape, _, calls = cfg.partition(":")
+        depth, _, heads = shape.partition("x")
+        cmd = [sys.executable, __file__, "--one", depth, heads, "--calls", calls or str(args.calls),
                "--tokens-side", str(args.tokens_side), "--threads", str(args.threads),
                *[f"-o{o}" for o in args.option]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -18,6 +18,7 @@ from clq_compile.passes.infra import PassManager
 from clq_compile.passes.rewrite import RewriteLinears
 from clq_compile.plan import Plan
 from clq_compile.recipes.base import RecipeConfig
+from clq_compile.shard import Shard
 from clq_compile.signature import Param, params_of
 from clq_compile.spec import QuantSpec
 
@@ -134,6 +135,7 @@ def quantize(
     dynamic_shapes: Any = None,
     measure: bool = True,
     extra_shapes: Any = "auto",
+    distributed: bool = False,
     **options: Any,
 ) -> QuantizedModel:
     """Quantize ``model`` through graph passes.
@@ -143,10 +145,14 @@ def quantize(
     model lets vary stay dynamic. ``extra_shapes``: calls at sizes the model specializes on
     (e.g. other resolutions of a DiT whose positional embedding is built for one), each
     getting its own graph from the same plan; "auto" probes doubled sizes; None: none.
-    The model is left as it was (its weights, its training flag).
+    The model is left as it was (its weights, its training flag). ``distributed``: split
+    the per-layer calibration work over the ranks of the initialized ``torch.distributed``
+    process group; every rank calls this with the same model and calibration set and gets
+    the plan one process would build.
     """
     t0 = time.perf_counter()
     config, spec = resolve(recipe, bits, **options)
+    shard = Shard(distributed)
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +160,8 @@ def quantize(
         graphs += _extra_graphs(model, graphs, extra_shapes)
         t1 = time.perf_counter()
         gm = graphs[0].gm
-        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure)
+        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure,
+                          shard=shard)
         for i, g in enumerate(graphs):
             if i:
                 analyze(g.gm, spec, config)

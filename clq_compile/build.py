@@ -29,6 +29,7 @@ from clq_compile.recipes import handler, resolve_recipe
 from clq_compile.recipes.base import RecipeConfig
 from clq_compile.rounding import solve_gptq
 from clq_compile.runner import GraphRunner, PlanContext
+from clq_compile.shard import Shard
 from clq_compile.spec import QuantSpec, parse_bits
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,15 @@ def measure_layers(ctx: PlanContext, plan: Plan) -> None:
 
 
 def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
-               flat_calib: list[list[Any]], measure: bool = True) -> Plan:
+               flat_calib: list[list[Any]], measure: bool = True,
+               shard: Shard | None = None) -> Plan:
     """Analyze ``gm`` (in place), run the recipe's plan builder on the calibration set and
-    measure each planned layer."""
+    measure each planned layer. ``shard``: this process's share of the per-layer work
+    (default: all of it)."""
     t0 = time.perf_counter()
     gm = analyze(gm, spec, config)
-    ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm), rank=config.lowrank)
+    ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm), rank=config.lowrank,
+                      shard=shard or Shard())
     t1 = time.perf_counter()
     plan = handler(config)(ctx, config)
     if config.budget:

@@ -78,10 +78,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from clq_compile.shard import process_group_from_env
 
     with process_group_from_env() as shard:  # under torchrun: the work split across ranks
-        return _quantize(args, shard.rank)
+        return _quantize(args, shard.rank, shard.world > 1)
 
 
-def _quantize(args: argparse.Namespace, rank: int) -> int:
+def _quantize(args: argparse.Namespace, rank: int, distributed: bool) -> int:
     import clq_compile as clq
     from clq_compile.build import resolve
     from clq_compile.eval import calibration_calls
@@ -97,7 +97,8 @@ def _quantize(args: argparse.Namespace, rank: int) -> int:
     calib = calibration_calls(transformer, encoder, args.calib_prompts, args.seed,
                               steps=args.steps, at_steps=at)
     t1 = time.perf_counter()
-    qm = clq.quantize(transformer, calib, recipe=args.recipe, bits=args.bits, **options)
+    qm = clq.quantize(transformer, calib, recipe=args.recipe, bits=args.bits,
+                      distributed=distributed, **options)
     qm.source["checkpoint"] = args.checkpoint or BUILTIN
     t2 = time.perf_counter()
     if rank:  # every rank holds the same model; rank 0 saves and reports

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from clq_compile.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -24,14 +26,23 @@ R = TypeVar("R")
 
 
 class Shard:
-    """This process's share of the work. Items are dealt round-robin, continuing across
-    calls, so over a model every rank gets the same number of layers within one."""
+    """This process's share of the work: all of it (the default), or with ``distributed``
+    its rank's share in the initialized process group ``group`` (every rank must then
+    plan the same model on the same calibration set). Items are dealt round-robin,
+    continuing across calls, so over a model every rank gets the same number of layers
+    within one."""
 
-    def __init__(self, group: Any = None) -> None:
-        on = dist.is_available() and dist.is_initialized()
+    def __init__(self, distributed: bool = False, group: Any = None) -> None:
+        if not isinstance(distributed, bool):
+            raise ConfigError(f"distributed={distributed!r}: expected True or False")
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError(
+                "distributed=True needs an initialized torch.distributed process group "
+                "(launch with torchrun and call dist.init_process_group first, or use "
+                "clq_compile.shard.process_group_from_env())")
         self.group = group
-        self.rank = dist.get_rank(group) if on else 0
-        self.world = dist.get_world_size(group) if on else 1
+        self.rank = dist.get_rank(group) if distributed else 0
+        self.world = dist.get_world_size(group) if distributed else 1
         self.owner: dict[Any, int] = {}  # item -> the rank that did it
         self._dealt = 0
 
@@ -73,7 +84,7 @@ def process_group_from_env() -> Iterator[Shard]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         log.info("rank %d of %d", dist.get_rank(), dist.get_world_size())
     try:
-        yield Shard()
+        yield Shard(distributed=dist.is_initialized())
     finally:
         if joined:
             dist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,17 +20,18 @@ OPTIONS = dict(recipe="clq", bits="w4a4", weights="gptq", budget=0.1,
                w_grid=(1.0, 0.9), a_grid=(1.0, 0.9, 0.8), measure=False, extra_shapes=None)
 
 
-def _plan(calls: int = 3):
+def _plan(distributed: bool = False):
     torch.set_num_threads(1)  # the same arithmetic in every process
     model, inputs = tiny_pixart()
-    return clq.quantize(model, [inputs(i) for i in range(calls)], **OPTIONS).plan
+    return clq.quantize(model, [inputs(i) for i in range(3)], distributed=distributed,
+                        **OPTIONS).plan
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        plan = _plan()
+        plan = _plan(distributed=True)
         state, tensors = plan.to_state()
         torch.save({"state": state, "tensors": tensors}, f"{out}/rank{rank}.pt")
     finally:
@@ -43,9 +45,9 @@ def _free_port() -> int:
 
 
 def _comparable(state: dict) -> dict:
-    meta = {k: v for k, v in state["meta"].items()
-            if not k.endswith("_s") and k not in ("ranks", "clps_probes_per_rank",
-                                                  "calib_peak_bytes")}
+    """The plan without what may differ: timings, memory, and the per-rank counts."""
+    meta = {k: v for k, v in state["meta"].items() if not k.endswith(("_s", "_per_rank"))
+            and k not in ("ranks", "calib_peak_bytes")}
     budget = {k: v for k, v in meta.pop("budget", {}).items() if k != "seconds"}
     return {**state, "meta": meta, "budget": budget}
 
@@ -64,6 +66,14 @@ def test_two_ranks_build_the_plan_one_process_builds(tmp_path):
     assert sum(per_rank) == single_state["meta"]["clps_probes"]
     assert max(per_rank) <= 1.1 * min(per_rank), per_rank
     assert ranks[0]["state"]["meta"]["ranks"] == 2
+
+
+def test_distributed_without_a_process_group_is_a_config_error():
+    model, inputs = tiny_pixart()
+    with pytest.raises(clq.ConfigError, match="initialized torch.distributed process group"):
+        clq.quantize(model, [inputs(0)], distributed=True)
+    with pytest.raises(clq.ConfigError, match="distributed='yes'"):
+        clq.quantize(model, [inputs(0)], distributed="yes")
 
 
 def test_one_process_does_everything():
