@@ -15,25 +15,29 @@ import clq_compile as clq
 from clq_compile.shard import Shard
 from clq_compile.testing import tiny_pixart
 
-# Small grids keep the run short; gptq and budget make every sharded stage run.
-OPTIONS = dict(recipe="clq", bits="w4a4", weights="gptq", budget=0.1,
-               w_grid=(1.0, 0.9), a_grid=(1.0, 0.9, 0.8), measure=False, extra_shapes=None)
+# Every sharded stage runs: CLPS probes and GPTQ solves (clq), the budget's own
+# sensitivity probes (quarot has no CLPS errors to reuse). Small grids keep it short.
+CONFIGS = {
+    "clq": dict(recipe="clq", weights="gptq", budget=0.1, w_grid=(1.0, 0.9),
+                a_grid=(1.0, 0.9, 0.8)),
+    "quarot": dict(recipe="quarot", budget=0.2),
+}
 
 
-def _plan(distributed: bool = False):
+def _plan(config: str, distributed: bool = False):
     torch.set_num_threads(1)  # the same arithmetic in every process
     model, inputs = tiny_pixart()
-    return clq.quantize(model, [inputs(i) for i in range(3)], distributed=distributed,
-                        **OPTIONS).plan
+    return clq.quantize(model, [inputs(i) for i in range(3)], bits="w4a4", measure=False,
+                        extra_shapes=None, distributed=distributed, **CONFIGS[config]).plan
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        plan = _plan(distributed=True)
-        state, tensors = plan.to_state()
-        torch.save({"state": state, "tensors": tensors}, f"{out}/rank{rank}.pt")
+        for config in CONFIGS:
+            state, tensors = _plan(config, distributed=True).to_state()
+            torch.save({"state": state, "tensors": tensors}, f"{out}/{config}{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -54,18 +58,21 @@ def _comparable(state: dict) -> dict:
 
 def test_two_ranks_build_the_plan_one_process_builds(tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    single_state, single_tensors = _plan().to_state()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for got in ranks:
-        assert _comparable(got["state"]) == _comparable(single_state)
-        assert got["tensors"].keys() == single_tensors.keys()
-        for k, t in single_tensors.items():
-            assert torch.equal(got["tensors"][k], t), k
-    # each rank did half the probes (the layers are dealt round-robin over the model)
-    per_rank = ranks[0]["state"]["meta"]["clps_probes_per_rank"]
-    assert sum(per_rank) == single_state["meta"]["clps_probes"]
+    for config in CONFIGS:
+        single_state, single_tensors = _plan(config).to_state()
+        ranks = [torch.load(tmp_path / f"{config}{r}.pt", weights_only=False) for r in range(2)]
+        for got in ranks:
+            assert _comparable(got["state"]) == _comparable(single_state), config
+            assert got["tensors"].keys() == single_tensors.keys()
+            for k, t in single_tensors.items():
+                assert torch.equal(got["tensors"][k], t), (config, k)
+        assert ranks[0]["state"]["meta"]["ranks"] == 2
+        assert ranks[0]["state"]["meta"]["budget"]["promoted"]
+    # each rank did half of clq's probes (the layers are dealt round-robin over the model)
+    meta = torch.load(tmp_path / "clq0.pt", weights_only=False)["state"]["meta"]
+    per_rank = meta["clps_probes_per_rank"]
+    assert sum(per_rank) == meta["clps_probes"]
     assert max(per_rank) <= 1.1 * min(per_rank), per_rank
-    assert ranks[0]["state"]["meta"]["ranks"] == 2
 
 
 def test_distributed_without_a_process_group_is_a_config_error():
