@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_ms, import_kernels, require_cuda, write_results  # noqa: E402
 
+from clq_compile.qlinear import sqnr  # noqa: E402
+
 
 def build_model(dev: torch.device) -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel
@@ -64,12 +66,6 @@ def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.float()
-    noise = (y.float() - ref).pow(2).mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.pow(2).mean() / noise))
-
-
 def _state_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -99,7 +95,7 @@ def measure(name: str, fn: Callable[[], Any], ref: torch.Tensor | None, rep_ms: 
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with torch.inference_mode():
             row["ms"] = bench_ms(fn, warmup_ms=max(rep_ms // 4, 200), rep_ms=rep_ms)
-        row["sqnr_db_vs_bf16"] = _sqnr_db(out, ref) if ref is not None else None
+        row["sqnr_db_vs_bf16"] = sqnr(ref, out) if ref is not None else None
         row["_out"] = out
     except Exception as e:  # a benchmark records what failed and goes on
         logging.getLogger("e2e").error("%s failed:\n%s", name, traceback.format_exc())

@@ -47,6 +47,7 @@ from clq_compile.eval.sampler import (
 )
 from clq_compile.eval.shapes_data import all_labels, caption
 from clq_compile.eval.shapes_model import CaptionEncoder
+from clq_compile.qlinear import sqnr as sqnr_db  # the one SQNR (float64); dB
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,6 @@ def prompts(n: int, seed: int) -> tuple[list[str], list[int], torch.Tensor]:
     captions = [caption(*row) for row in labels.tolist()]
     seeds = [seed * 100_003 + i for i in range(n)]
     return captions, seeds, labels
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (ref - out).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 def psnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
