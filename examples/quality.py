@@ -45,10 +45,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+gptq+lowrank": ("clq", {"weights": "gptq", "lowrank": 7}),
     "clq+budget": ("clq", {"budget": 0.05}),
     "clq+gptq+lowrank+budget": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05}),
+    "clq+gptq+lowrank g64": ("clq", {"weights": "gptq", "lowrank": 7, "w_group": 64}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
-           "clq+gptq+lowrank+budget"]
+           "clq+gptq+lowrank+budget", "clq+gptq+lowrank g64"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
