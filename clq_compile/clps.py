@@ -34,9 +34,12 @@ class SearchResult:
 
 def relative_error(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
     """Σ‖ref − out‖² / Σ‖ref‖² over calibration calls."""
-    num = sum(_call_errors(ref, out))
-    den = sum(float(r.double().pow(2).sum()) for r in ref)
-    return num / max(den, 1e-30)
+    return sum(_call_errors(ref, out)) / _energy(ref)
+
+
+def _energy(ref: Sequence[torch.Tensor]) -> float:
+    """Σ‖ref‖² (floored), relative_error's denominator."""
+    return max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-30)
 
 
 def candidates(ctx: PlanContext, name: str) -> list[fx.Node]:
@@ -109,13 +112,13 @@ def _call_errors(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> li
 
 
 def _trial_error(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
-                 ref: Sequence[torch.Tensor], target: fx.Node, clips: tuple[float, float],
-                 order: Sequence[int], bound: float, cache: dict | None,
-                 reuse: list[dict] | None) -> tuple[float | None, int]:
-    """``relative_error`` at ``target`` with ℓ at ``clips``, call by call in ``order``;
-    ``None`` as soon as the error already summed exceeds ``bound`` (the sum only grows,
-    so the trial cannot win). Returns (error or None, calls run)."""
-    den = max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-30)
+                 ref: Sequence[torch.Tensor], den: float, target: fx.Node,
+                 clips: tuple[float, float], order: Sequence[int], bound: float,
+                 cache: dict | None, reuse: list[dict] | None) -> tuple[float | None, int]:
+    """``relative_error`` at ``target`` (``den``: ``_energy(ref)``) with ℓ at ``clips``,
+    call by call in ``order``; ``None`` as soon as the error already summed exceeds
+    ``bound`` (the sum only grows, so the trial cannot win). Returns (error or None,
+    calls run)."""
     nums: dict[int, float] = {}
     for i in order:
         _, out = probe_layer(ctx, plan, name, seg, [envs[i]], cache,
@@ -135,11 +138,12 @@ def _local_errors(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[
     """ℓ's own output error at each clip pair (ℓ alone, no downstream): a cheap guess at
     which trials win, used only to try likely winners first."""
     node = ctx.nodes[name]
+    fp = [r[node] for r in reuse]
     out = []
     for c in clips:
         probe = PlanOverride(ctx, plan, only={name}, clips={name: c}, cache=cache)
         got = ctx.runner.probe(envs, seg, {node}, probe, reuse=reuse, dirty={node})[node]
-        out.append(sum(_call_errors([r[node] for r in reuse], got)))
+        out.append(sum(_call_errors(fp, got)))
     return out
 
 
@@ -167,6 +171,7 @@ def search_layer(
     errs = {n: relative_error(fp_refs[n], outs[n]) for n in watch}
     target = max(errs, key=errs.get)
     ref = fp_refs[target]
+    den = _energy(ref)  # the same for every trial
     base = _call_errors(ref, outs[target])
     order = sorted(range(len(envs)), key=lambda i: -base[i])
     a_values = tuple(a_grid) if plan.layers[name].spec.a_bits < 16 else (1.0,)
@@ -180,8 +185,8 @@ def search_layer(
     probes, calls = 1, len(envs)
     for k in trials:
         bound = float("inf") if search == "exhaustive" else best[0]
-        e, n = _trial_error(ctx, plan, name, seg, envs, ref, target, grid[k], order, bound,
-                            cache, reuse)
+        e, n = _trial_error(ctx, plan, name, seg, envs, ref, den, target, grid[k], order,
+                            bound, cache, reuse)
         probes, calls = probes + 1, calls + n
         if e is not None and (e, k) < best:
             best = (e, k)
