@@ -4,9 +4,10 @@ The kernel is memory-bound by design: it reads a bf16 activation once (twice per
 for per-token scales, the second read mostly from L2) and writes int4/int8 plus scales.
 Each row reports the effective bandwidth (bytes read once + bytes written, / time) and
 its fraction of the bandwidth of ``torch.Tensor.copy_`` moving the activation's bytes
-(read + write). Variants: int4 and int8 per token, int4 per 128-group, and the fused
-permutation + block-Hadamard (B=128) with tf32x3 and tf32 rotation dots; the torch
-eager reference (clq_compile.quant) for scale.
+(read + write). Variants: int4 and int8 per token, int4 per 128-group, the fused
+permutation + block Hadamard (B=128 and 256, factored: a 16×16 tf32x3 dot plus
+butterflies), int4 stored in the int8 and fp8 containers of the Hopper routes; the
+torch eager reference (clq_compile.quant) for scale.
 
     python benchmarks/act_quant.py [--m 1024 4096 16384] [--k 1152 3072 4608 12288]
 """
@@ -33,15 +34,17 @@ def _variants(k: int, dev: torch.device) -> list[tuple[str, dict]]:
         ("int8 per-token", dict(bits=8)),
         ("int4 group-128", dict(bits=4, group=128)),
         ("int4 perm+H128 tf32x3", dict(bits=4, perm=perm, rot=rot, prec="tf32x3")),
-        ("int4 perm+H128 tf32", dict(bits=4, perm=perm, rot=rot, prec="tf32")),
-        ("int4 group-128 perm+H128 tf32x3",
-         dict(bits=4, group=128, perm=perm, rot=rot, prec="tf32x3")),
+        ("int4 per-token, fp8 container", dict(bits=4, container="fp8")),
+        ("int4 per-token, int8 container", dict(bits=4, container="int8")),
+        ("int4 perm+H256 tf32x3", dict(bits=4, perm=perm, rot=hadamard(256).to(dev),
+                                       prec="tf32x3")),
     ]
 
 
 def measure(m: int, k: int, dev: torch.device, act_quant) -> list[dict]:
     """All variants at one (M, K), plus the copy baseline and the torch reference."""
     from clq_compile.lowering.triton.reference import rotate_quantize_reference
+    from clq_compile.quant import unpack_int4
 
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16,
                     generator=torch.Generator(device=dev).manual_seed(0))
@@ -51,16 +54,23 @@ def measure(m: int, k: int, dev: torch.device, act_quant) -> list[dict]:
     base = {"M": m, "K": k, "copy_GB/s": copy_bw / 1e9}
     rows = []
     for name, c in _variants(k, dev):
+        if c.get("rot") is not None and k % c["rot"].shape[0]:
+            continue
         args = (x, c.get("perm"), None, c.get("rot"), c["bits"], c.get("group", 0))
-        prec = c.get("prec")
-        q, s = act_quant.rotate_quantize(*args, rot_precision=prec)
-        q_ref, _ = rotate_quantize_reference(*args)
-        ms = bench_ms(lambda args=args, prec=prec: act_quant.rotate_quantize(
-            *args, rot_precision=prec))
+        kw = {"rot_precision": c.get("prec"), "container": c.get("container", "packed")}
+        try:
+            q, s = act_quant.rotate_quantize(*args, **kw)
+            q_ref, _ = rotate_quantize_reference(*args)
+            if kw["container"] != "packed":
+                q_ref = unpack_int4(q_ref).to(q.dtype)
+            ms = bench_ms(lambda args=args, kw=kw: act_quant.rotate_quantize(*args, **kw))
+        except Exception as e:  # a variant that cannot launch is a row with its error
+            rows.append({**base, "variant": name, "error": repr(e)[:300]})
+            continue
         bw = (x.nbytes + q.nbytes + s.nbytes) / (ms * 1e-3)
         rows.append({**base, "variant": name, "ms": ms, "GB/s": bw / 1e9,
                      "frac_of_copy": bw / copy_bw,
-                     "byte_mismatch_vs_ref": float((q != q_ref).float().mean())})
+                     "byte_mismatch_vs_ref": float((q.float() != q_ref.float()).float().mean())})
     ref_ms = bench_ms(lambda: rotate_quantize_reference(x, None, None, None, 4))
     ref_bw = (x.nbytes + x.nbytes // 4 + 4 * m) / (ref_ms * 1e-3)
     rows.append({**base, "variant": "torch eager reference int4 per-token", "ms": ref_ms,
@@ -73,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--m", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--k", type=int, nargs="+", default=[1152, 3072, 4608, 12288])
+    p.add_argument("--dry-run", action="store_true", help="CPU plumbing check (tiny shapes)")
     args = p.parse_args(argv)
-    dev = require_cuda("benchmarks/act_quant.py")
+    dev = require_cuda("benchmarks/act_quant.py", args.dry_run)
+    if args.dry_run:
+        args.m, args.k = [32], [256]
     act_quant, _, _ = import_kernels()
     rows = [r for m in args.m for k in args.k for r in measure(m, k, dev, act_quant)]
     write_results("act_quant", rows, {

@@ -18,10 +18,32 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+# --dry-run (benchmarks/run_gpu.sh --dry-run, tests/test_benchmarks.py): every stage on CPU
+# under the Triton interpreter at tiny shapes, timed once, written to CLQ_BENCH_DRY_DIR,
+# so the plumbing is checked before GPU time is spent. Never a measurement.
+DRY_RUN = False
 
 
-def require_cuda(name: str) -> torch.device:
-    """The CUDA device, or exit(2) saying why nothing was measured."""
+def results_dir() -> Path:
+    import os
+
+    if DRY_RUN:
+        return Path(os.environ.get("CLQ_BENCH_DRY_DIR", "/tmp/clq_bench_dry"))
+    return RESULTS_DIR
+
+
+def require_cuda(name: str, dry_run: bool = False) -> torch.device:
+    """The CUDA device, or exit(2) saying why nothing was measured; with ``dry_run`` the
+    CPU (plumbing only)."""
+    global DRY_RUN
+    if dry_run:
+        import os
+
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            sys.stderr.write(f"{name} --dry-run needs TRITON_INTERPRET=1\n")
+            sys.exit(2)
+        DRY_RUN = True
+        return torch.device("cpu")
     if not torch.cuda.is_available():
         sys.stderr.write(
             f"{name}: needs a CUDA GPU and none is available "
@@ -33,6 +55,8 @@ def require_cuda(name: str) -> torch.device:
 
 def device_slug() -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (result file names)."""
+    if DRY_RUN:
+        return "dry-run"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
@@ -49,6 +73,9 @@ def environment() -> dict[str, Any]:
     """What a reader needs to reproduce or compare a results file."""
     import triton
 
+    if DRY_RUN:
+        return {"device": "cpu (dry run: plumbing only, not a measurement)",
+                "torch": torch.__version__, "triton": triton.__version__}
     props = torch.cuda.get_device_properties(0)
     return {
         "device": torch.cuda.get_device_name(),
@@ -83,30 +110,45 @@ def cpu_info() -> dict[str, Any]:
 
 def bench_ms(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median milliseconds of ``fn`` (triton.testing.do_bench: flushes L2 before each
-    repetition, warms up first, reports the median)."""
+    repetition, warms up first, reports the median). Dry run: one call, wall clock."""
+    if DRY_RUN:
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
-    """Write benchmarks/results/<name>_<device-slug>.json and print the table."""
+def write_results(name: str, rows: list[dict[str, Any]], meta: dict[str, Any],
+                  partial: bool = False) -> Path:
+    """Write benchmarks/results/<name>_<device-slug>.json and print the table.
+    ``partial``: a checkpoint while the run goes on (marked so, no table printed), so a
+    stage stopped at its time limit still leaves the rows it measured."""
     from tabulate import tabulate
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}_{device_slug()}.json"
+    out_dir = results_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{device_slug()}.json"
     payload = {"benchmark": name, "environment": environment(), "meta": meta, "rows": rows}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    if partial:
+        payload["partial"] = "stopped before the end: rows so far"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if partial:
+        return path
     sys.stdout.write(tabulate(rows, headers="keys", floatfmt=".3g") + "\n")
-    sys.stdout.write(f"wrote {path.relative_to(REPO)}\n")
+    sys.stdout.write(f"wrote {path}\n")
     return path
 
 
 def import_kernels() -> tuple[Any, Any, Any]:
-    """(act_quant, qgemm, dispatch) modules, compiled mode (refuses TRITON_INTERPRET)."""
+    """(act_quant, qgemm, dispatch) modules, compiled mode (refuses TRITON_INTERPRET
+    outside a dry run)."""
     import os
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not DRY_RUN and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.stderr.write("unset TRITON_INTERPRET to benchmark compiled kernels\n")
         sys.exit(2)
     from clq_compile.lowering.triton import act_quant, dispatch, qgemm

@@ -4,10 +4,11 @@ diffusers ``PixArtTransformer2DModel`` at its PixArt-α 1024 configuration (28 b
 hidden 1152 = 16 heads × 72, MLP 4608, 128×128 latent with patch 2 = 4096 image tokens,
 120 T5 tokens of 4096 channels), random weights, batch 2, one denoising forward:
 
-- bf16 eager, bf16 ``torch.compile``;
-- clq W4A4 via ``clq_compile.quantize(model, calib, recipe="rtn", bits="w4a4")`` whose
-  graph holds ``torch.ops.clq`` nodes served by the Triton kernels on CUDA;
-- clq W4A4 under ``torch.compile`` (attempted; the error is recorded if it fails).
+- bf16 eager (also replayed as a CUDA graph), bf16 ``torch.compile``;
+- W4A4 via ``clq_compile.quantize(model, calib, recipe=..., bits="w4a4")`` for rtn,
+  quarot and clq (transforms included), whose graphs hold ``torch.ops.clq`` nodes served
+  by the Triton kernels on CUDA, eager and as a CUDA graph (launch overhead removed);
+  rtn also under ``torch.compile``; the top kernels of each by device time (profiler).
 
 Per row: median latency, speed vs bf16 eager, weight bytes, peak memory of a forward,
 and the output SQNR vs bf16 eager (a sanity check on random weights, not a quality
@@ -30,29 +31,41 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import bench_ms, import_kernels, require_cuda, write_results  # noqa: E402
 
 from clq_compile.qlinear import sqnr  # noqa: E402
 
+# PixArt-α 1024; the dry run's tiny twin keeps every code path at toy sizes.
+CONFIGS = {
+    "pixart-alpha-1024": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28,
+                              cross_attention_dim=1152, sample_size=128, caption_channels=4096,
+                              text_tokens=120),
+    "dry-run": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                    cross_attention_dim=32, sample_size=8, caption_channels=32, text_tokens=4),
+}
 
-def build_model(dev: torch.device) -> torch.nn.Module:
+
+def build_model(dev: torch.device, config: str = "pixart-alpha-1024") -> torch.nn.Module:
     from diffusers import PixArtTransformer2DModel
 
+    c = {k: v for k, v in CONFIGS[config].items() if k != "text_tokens"}
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(
-        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-        num_layers=28, cross_attention_dim=1152, sample_size=128, patch_size=2,
-        caption_channels=4096, num_embeds_ada_norm=1000,
-    )
+    model = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2,
+                                     num_embeds_ada_norm=1000, **c)
     return model.to(device=dev, dtype=torch.bfloat16).eval()
 
 
-def make_inputs(dev: torch.device, batch: int, seed: int = 0) -> dict[str, Any]:
+def make_inputs(dev: torch.device, batch: int, seed: int = 0,
+                config: str = "pixart-alpha-1024") -> dict[str, Any]:
+    c = CONFIGS[config]
     g = torch.Generator(device=dev).manual_seed(seed)
     bf16 = torch.bfloat16
+    side, text, chans = c["sample_size"], c["text_tokens"], c["caption_channels"]
     return dict(
-        hidden_states=torch.randn(batch, 4, 128, 128, device=dev, dtype=bf16, generator=g),
-        encoder_hidden_states=torch.randn(batch, 120, 4096, device=dev, dtype=bf16, generator=g),
+        hidden_states=torch.randn(batch, 4, side, side, device=dev, dtype=bf16, generator=g),
+        encoder_hidden_states=torch.randn(batch, text, chans, device=dev, dtype=bf16,
+                                          generator=g),
         timestep=torch.full((batch,), 500, device=dev, dtype=torch.long),
         added_cond_kwargs={
             "resolution": torch.tensor([[1024.0, 1024.0]] * batch, device=dev, dtype=bf16),
@@ -84,15 +97,18 @@ def measure(name: str, fn: Callable[[], Any], ref: torch.Tensor | None, rep_ms: 
     row: dict[str, Any] = {"method": name, **extra}
     try:
         t0 = time.perf_counter()
+        cuda = torch.cuda.is_available() and not common.DRY_RUN
         with torch.inference_mode():
             out = _output(fn())
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         row["first_call_s"] = time.perf_counter() - t0  # includes compilation if any
-        torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            fn()
-        torch.cuda.synchronize()
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                fn()
+            torch.cuda.synchronize()
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         with torch.inference_mode():
             row["ms"] = bench_ms(fn, warmup_ms=max(rep_ms // 4, 200), rep_ms=rep_ms)
         row["sqnr_db_vs_bf16"] = sqnr(ref, out) if ref is not None else None
@@ -103,45 +119,133 @@ def measure(name: str, fn: Callable[[], Any], ref: torch.Tensor | None, rep_ms: 
     return row
 
 
+# (row name, recipe, options): the runtime graph is what is timed, so clq runs with its
+# search off (clps=False, cbc="none"): the same transform + quantized-linear nodes as the
+# full recipe, with different clip values, in seconds instead of a full calibration.
+METHODS = [
+    ("rtn", "rtn", {}),
+    ("quarot", "quarot", {}),
+    ("clq (search off)", "clq", {"clps": False, "cbc": "none"}),
+]
+
+
+def cuda_graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` captured once into a CUDA graph (after two warm-up calls on a side stream,
+    which also finish autotuning); the returned callable replays it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def top_kernels(fn: Callable[[], Any], n: int = 15) -> list[dict[str, Any]]:
+    """The n kernels with the most device time over one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: -e.self_device_time_total)
+    return [{"kernel": e.key[:120], "calls": e.count, "ms": e.self_device_time_total / 1e3,
+             "share": e.self_device_time_total / total} for e in events[:n]]
+
+
+def _with_graph(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any], ref: Any,
+                rep_ms: int, extra: dict[str, Any]) -> None:
+    rows.append(measure(name, fn, ref, rep_ms, extra))
+    if common.DRY_RUN:
+        return
+    try:
+        with torch.inference_mode():
+            graphed = cuda_graphed(fn)
+    except Exception as e:
+        rows.append({"method": f"{name} + CUDA graph", "error": repr(e)[:500]})
+        return
+    rows.append(measure(f"{name} + CUDA graph", graphed, ref, rep_ms, dict(extra)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rep-ms", type=int, default=3000)
     p.add_argument("--skip-compile", action="store_true", help="skip torch.compile rows")
+    p.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS])
+    p.add_argument("--skip-clq-compile", action="store_true",
+                   help="skip torch.compile of the quantized model (bf16 compile still runs)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU plumbing check: tiny PixArt, interpreter, no compile/graphs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    dev = require_cuda("benchmarks/e2e.py")
+    dev = require_cuda("benchmarks/e2e.py", args.dry_run)
+    config = "dry-run" if args.dry_run else "pixart-alpha-1024"
+    if args.dry_run:
+        args.skip_compile, args.rep_ms = True, 1
     _, _, dispatch = import_kernels()
     dispatch.register()
     import clq_compile as clq
+    from clq_compile.lowering.triton import routes
 
-    model = build_model(dev)
-    inputs = make_inputs(dev, args.batch)
+    model = build_model(dev, config)
+    inputs = make_inputs(dev, args.batch, config=config)
     bf16_bytes = _state_bytes(model)
-    rows = [measure("bf16 eager", lambda: model(**inputs), None, args.rep_ms,
-                    {"weight_mib": bf16_bytes / 2**20})]
+    bf16 = {"weight_mib": bf16_bytes / 2**20}
+    rows: list[dict[str, Any]] = []
+    _with_graph(rows, "bf16 eager", lambda: model(**inputs), None, args.rep_ms, bf16)
     ref = rows[0].get("_out")
     if not args.skip_compile:
         compiled = torch.compile(model)
         rows.append(measure("bf16 torch.compile", lambda: compiled(**inputs), ref, args.rep_ms,
-                            {"weight_mib": bf16_bytes / 2**20}))
+                            dict(bf16)))
 
-    t0 = time.perf_counter()
-    try:
-        calib = [make_inputs(dev, args.batch, seed=s) for s in (1, 2)]
-        qm = clq.quantize(model, calib, recipe="rtn", bits="w4a4")
+    profiles: dict[str, Any] = {}
+    calib = [make_inputs(dev, args.batch, seed=s, config=config) for s in (1, 2)]
+    for name, recipe, options in METHODS:
+        if name not in args.methods:
+            continue
+        label = f"clq_compile W4A4 {name}"
+        t0 = time.perf_counter()
+        try:
+            qm = clq.quantize(model, calib, recipe=recipe, bits="w4a4", extra_shapes=None,
+                              **options)
+        except Exception as e:
+            logging.getLogger("e2e").error("%s failed:\n%s", label, traceback.format_exc())
+            rows.append({"method": label, "error": repr(e)[:500]})
+            continue
         extra = {"quantize_s": time.perf_counter() - t0, "clq_nodes": _clq_nodes(qm),
                  "weight_mib": (qm.weight_bytes() if hasattr(qm, "weight_bytes")
                                 else _state_bytes(qm)) / 2**20}
-        rows.append(measure("clq W4A4 (rtn, Triton)", lambda: qm(**inputs), ref, args.rep_ms,
-                            extra))
-        if not args.skip_compile:
+        fallbacks_before = len(dispatch._fallbacks_logged)
+        _with_graph(rows, label, lambda qm=qm: qm(**inputs), ref, args.rep_ms, extra)
+        rows[-1]["fallback_shapes"] = len(dispatch._fallbacks_logged) - fallbacks_before
+        rows[-1]["unpacked_weight_cache_mib"] = routes.weight_cache_bytes() / 2**20
+        try:
+            if not args.dry_run:
+                with torch.inference_mode():
+                    profiles[label] = top_kernels(lambda qm=qm: qm(**inputs))
+        except Exception as e:
+            profiles[label] = repr(e)[:300]
+        write_results("e2e", [{k: v for k, v in r.items() if k != "_out"} for r in rows],
+                      {"top_kernels": profiles}, partial=True)
+        if name == "rtn" and not args.skip_compile and not args.skip_clq_compile:
             cq = torch.compile(qm)
-            rows.append(measure("clq W4A4 (rtn) + torch.compile", lambda: cq(**inputs), ref,
+            rows.append(measure(f"{label} + torch.compile", lambda cq=cq: cq(**inputs), ref,
                                 args.rep_ms, dict(extra)))
-    except Exception as e:
-        logging.getLogger("e2e").error("clq.quantize failed:\n%s", traceback.format_exc())
-        rows.append({"method": "clq W4A4 (rtn, Triton)", "error": repr(e)[:500]})
+        del qm
 
     base = rows[0].get("ms")
     for r in rows:
@@ -149,11 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         if base and r.get("ms"):
             r["x_vs_bf16_eager"] = base / r["ms"]
     write_results("e2e", rows, {
-        "model": "PixArtTransformer2DModel, PixArt-alpha 1024 config, random weights",
+        "model": f"PixArtTransformer2DModel, {config} config, random weights",
         "batch": args.batch, "image_tokens": 4096, "text_tokens": 120,
         "timing": f"triton.testing.do_bench median, {args.rep_ms} ms of repetitions",
         "sqnr_note": "random weights: a sanity check that the quantized graph computes the "
                      "same function, not a quality result",
+        "routes": "lowering/triton/routes.py rule; fallback_shapes: shapes that ran the "
+                  "reference instead of a kernel",
+        "top_kernels": profiles,
     })
     return 0
 

@@ -36,6 +36,11 @@ SHAPES = [
 ]
 
 
+# Routes each bits setting can take (lowering/triton/routes.py); "fp8" needs sm_90.
+ROUTES_BY_BITS = {(8, 8): ("packed",), (8, 4): ("packed", "int8"),
+                  (4, 4): ("packed", "int8", "fp8")}
+
+
 def _quantized_operands(x: torch.Tensor, w: torch.Tensor, act_quant: Any) -> dict[str, Any]:
     from clq_compile.quant import quantize_weight
 
@@ -67,13 +72,14 @@ def run_shape(m: int, k: int, n: int, model: str, check: bool, kernels: tuple,
     q = _quantized_operands(x, w, act_quant)
     flops = 2.0 * m * n * k
 
-    def mm(kind: str, a_bits: int, w_bits: int):
+    def mm(kind: str, a_bits: int, w_bits: int, route: str | None = None):
         wq, sw = q[f"w{w_bits}"]
         if kind == "gemm":
             aq, sa = q[f"a{a_bits}"]
             return lambda: qgemm.quant_matmul(aq, sa, wq, sw, None, a_bits=a_bits,
                                               w_bits=w_bits, out_dtype=torch.bfloat16)
-        return lambda: dispatch.quant_linear_triton(x, wq, sw, None, w_bits, a_bits, 0, 1.0)
+        return lambda: dispatch.quant_linear_triton(x, wq, sw, None, w_bits, a_bits, 0, 1.0,
+                                                    route)
 
     cases: list[tuple[str, Any]] = [
         ("bf16 torch.matmul", lambda: torch.matmul(x, w.t())),
@@ -82,13 +88,25 @@ def run_shape(m: int, k: int, n: int, model: str, check: bool, kernels: tuple,
         a8 = q["a8"][0]
         w8t = q["w8"][0].t()
         cases.append(("int8 torch._int_mm (no epilogue)", lambda: torch._int_mm(a8, w8t)))
+    fp8_ok = dev.type == "cpu" or torch.cuda.get_device_capability(dev) >= (8, 9)
+    if fp8_ok and m % 16 == 0:
+        xf8 = x.to(torch.float8_e4m3fn)
+        wf8t = w.to(torch.float8_e4m3fn).t()
+        one_a = torch.ones(m, 1, device=dev)
+        one_w = torch.ones(1, n, device=dev)
+        cases.append(("fp8 torch._scaled_mm rowwise (no act-quant)",
+                      lambda: torch._scaled_mm(xf8, wf8t, scale_a=one_a, scale_b=one_w,
+                                               out_dtype=torch.bfloat16)))
     cases += [
         ("ours W8A8 gemm", mm("gemm", 8, 8)),
         ("ours W4A8 gemm", mm("gemm", 8, 4)),
         ("ours W4A4 gemm", mm("gemm", 4, 4)),
-        ("ours W4A4 linear (act-quant + gemm)", mm("linear", 4, 4)),
-        ("ours W4A16", mm("linear", 16, 4)),
     ]
+    for a_bits, w_bits in ((8, 8), (8, 4), (4, 4)):
+        for route in ROUTES_BY_BITS[(a_bits, w_bits)]:
+            cases.append((f"ours W{w_bits}A{a_bits} linear (act-quant + gemm) route={route}",
+                          mm("linear", a_bits, w_bits, route)))
+    cases.append(("ours W4A16", mm("linear", 16, 4)))
 
     errors: dict[str, float] = {}
     if check:
@@ -100,13 +118,26 @@ def run_shape(m: int, k: int, n: int, model: str, check: bool, kernels: tuple,
             y = mm("gemm", a_bits, w_bits)()
             errors[f"ours W{w_bits}A{a_bits} gemm"] = _rel_err(y, _exact(a_int, sa, w_int, sw))
         wq, sw = q["w4"]
+        a_int, sa = unpack_int4(q["a4"][0]), q["a4"][1]
+        exact44 = _exact(a_int, sa, unpack_int4(wq), sw)
+        for name, fn in cases:
+            if "W4A4 linear" in name:
+                try:
+                    errors[name] = _rel_err(fn(), exact44)
+                except Exception as e:  # the row records the failure; others go on
+                    errors[name] = repr(e)[:300]
         ref = x.double() @ (unpack_int4(wq).double() * sw.double()).t()
         errors["ours W4A16"] = _rel_err(mm("linear", 16, 4)(), ref)
 
     rows = []
     t_bf16 = None
     for name, fn in cases:
-        ms = bench_ms(fn)
+        try:
+            ms = bench_ms(fn)
+        except Exception as e:  # a failed launch is a row with its error, not a crash
+            rows.append({"model": model, "M": m, "K": k, "N": n, "method": name,
+                         "error": repr(e)[:300]})
+            continue
         tops = flops / (ms * 1e-3) / 1e12
         if t_bf16 is None:
             t_bf16 = ms
@@ -127,20 +158,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16-peak-tflops", type=float, default=989.5,
                    help="dense BF16 tensor-core peak (H100 SXM5: 989.5)")
     p.add_argument("--models", nargs="*", default=["pixart", "flux"])
+    p.add_argument("--dry-run", action="store_true", help="CPU plumbing check (tiny shapes)")
     args = p.parse_args(argv)
-    dev = require_cuda("benchmarks/gemm.py")
+    dev = require_cuda("benchmarks/gemm.py", args.dry_run)
     kernels = import_kernels()
+    shapes = [("dry-run", 64, 32)] if args.dry_run else SHAPES
+    if args.dry_run:
+        args.m, args.small_m = [32], [16]
 
     rows: list[dict] = []
-    for model, k, n in SHAPES:
-        if model not in args.models:
+    for model, k, n in shapes:
+        if model not in args.models and not args.dry_run:
             continue
         for i, m in enumerate(args.m):
             rows += run_shape(m, k, n, model, check=i == 0, kernels=kernels, dev=dev)
         for m in args.small_m:
             rows += [r for r in run_shape(m, k, n, model, check=False, kernels=kernels, dev=dev)
                      if r["method"] in ("bf16 torch.matmul", "ours W4A16")]
+        write_results("gemm", rows, {}, partial=True)
     for r in rows:
+        if "TOPS" not in r:
+            continue
         peak = args.bf16_peak_tflops if r["method"].startswith("bf16") else args.int8_peak_tops
         r["pct_peak"] = 100.0 * r["TOPS"] / peak
     write_results("gemm", rows, {
@@ -150,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         "timing": "triton.testing.do_bench median, 25 ms warm-up, 100 ms reps, L2 flushed",
         "max_rel_err": "first M only: max |ours - exact fp64| / max |exact|",
     })
+    import json
+
+    from common import device_slug, environment, results_dir
+    from kernel_report import collect
+
+    report = {"environment": environment(), **collect()}
+    path = results_dir() / f"kernels_{device_slug()}.json"
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    bad = [r for r in report["compiled"] if r.get("n_spills") or r.get("ld_local")]
+    print(f"wrote {path.name}: {len(report['compiled'])} compiled variants, "
+          f"{len(bad)} with spills/local memory")
     return 0
 
 

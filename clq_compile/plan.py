@@ -50,6 +50,15 @@ class TransformPlan:
     def block(self) -> int:
         return 0 if self.rot is None else int(self.rot.shape[0])
 
+    def on(self, device: torch.device | str) -> TransformPlan:
+        """This plan with its tensors on ``device`` (plans are built on the CPU from
+        calibration statistics; a model on a GPU folds and runs them there)."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, perm=move(self.perm), smooth=move(self.smooth),
+                                   rot=move(self.rot))
+
     @property
     def is_identity(self) -> bool:
         return self.perm is None and self.smooth is None and self.rot is None

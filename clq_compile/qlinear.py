@@ -23,6 +23,7 @@ def fold_weight(w: torch.Tensor, tp: TransformPlan | None) -> torch.Tensor:
     w = w.detach().float()
     if tp is None:
         return w
+    tp = tp.on(w.device)
     inv = None if tp.smooth is None else 1.0 / tp.smooth.float()
     return transform_reference(w, tp.perm, inv, tp.rot)
 

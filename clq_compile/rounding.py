@@ -26,7 +26,9 @@ def transformed_hessian(h: torch.Tensor, tp: TransformPlan | None) -> torch.Tens
     it (float32), the product in float64."""
     if tp is None:
         return h
-    m = transform_reference(torch.eye(h.shape[0]), tp.perm, tp.smooth, tp.rot).double()
+    tp = tp.on(h.device)
+    m = transform_reference(torch.eye(h.shape[0], device=h.device), tp.perm, tp.smooth,
+                            tp.rot).double()
     out = m.T @ h.double() @ m
     return (out + out.T) / 2  # symmetric up to float error; make it exactly so
 

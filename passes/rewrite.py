@@ -53,6 +53,9 @@ def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp: TransformP
         anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(anchor):
         t = graph.call_function(TRANSFORM, (x, None, None, None))
+    val = x.meta.get("val")
+    if isinstance(val, torch.Tensor):  # the transform's constants live where x does
+        tp = tp.on(val.device)
     with graph.inserting_before(t):
         consts = [_const(gm, f"clq_t{group}_{k}", getattr(tp, k))
                   for k in ("perm", "smooth", "rot")]

@@ -16,13 +16,16 @@ Import this module only after choosing interpret vs compile (``TRITON_INTERPRET`
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
+from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs
 from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
-from clq_compile.lowering.triton.support import RowPlan, plan_rows
+from clq_compile.lowering.triton.support import RowPlan, Unsupported, plan_rows
 from clq_compile.quant import EPS
 
 # tl.dot precision of the fp32 rotation. "tf32x3" (three tf32 MMAs) keeps ~fp32 accuracy
@@ -33,13 +36,28 @@ from clq_compile.quant import EPS
 ROT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 DEFAULT_ROT_PRECISION = "ieee" if configs.interpreting() else "tf32x3"
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
+CONTAINERS = {"packed": 0, "int8": 1, "fp8": 2}
+
+
+@triton.jit
+def _butterflies(x, INNER: tl.constexpr, OUTER: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Multiply each length-(INNER·OUTER) block of x's rows by H_OUTER ⊗ I_INNER
+    (normalized): one Walsh–Hadamard butterfly (a + b, a − b) per bit of the outer index,
+    pairing elements INNER·2^s apart; exact adds, no B×B tile in shared memory."""
+    for s in tl.static_range(OUTER.bit_length() - 1):
+        y = tl.reshape(x, (BLOCK_M * BLOCK_K // (2 * INNER << s), 2, INNER << s))
+        a, b = tl.split(tl.permute(y, (0, 2, 1)))
+        y = tl.permute(tl.join(a + b, a - b), (0, 2, 1))
+        x = tl.reshape(y, (BLOCK_M, BLOCK_K))
+    return x * (1.0 / OUTER**0.5)
 
 
 @triton.jit
 def _transformed_tile(
     x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K, stride_xm, stride_xk,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
-    ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
+    ROT_OUTER: tl.constexpr, ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fp32 tile of ((x[:, perm] * smooth) · blockdiag(rot)) for columns k0..k0+BLOCK_K."""
@@ -56,8 +74,13 @@ def _transformed_tile(
         s = tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         x = x * s[None, :]
     if ROT_B > 0:
-        blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // ROT_B, ROT_B))
+        # Dense: one dot against the B×B tile. Factored (Sylvester Hadamard, B > 16):
+        # H_B = H_{B/16} ⊗ H_16, a dot against the 16×16 tile then log2(B/16) butterflies.
+        DOT_B: tl.constexpr = ROT_B // ROT_OUTER
+        blocks = tl.reshape(x, (BLOCK_M * BLOCK_K // DOT_B, DOT_B))
         x = tl.reshape(tl.dot(blocks, rot, input_precision=ROT_PRECISION), (BLOCK_M, BLOCK_K))
+        if ROT_OUTER > 1:
+            x = _butterflies(x, DOT_B, ROT_OUTER, BLOCK_M, BLOCK_K)
     # Match the unfused graph, where clq::transform returns the activation dtype.
     if ROUND_TO == 1:
         x = round_to_bf16(x)
@@ -82,18 +105,23 @@ def _scale_of(amax, clip, QMAX: tl.constexpr, EPS_: tl.constexpr):
 
 @triton.jit
 def _store_q(q_ptr, q, offs_m, mask_m, k0, K, stride_qm, BITS: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Store int32 ``q`` as int8, or as int4 pairs: element 2i low nibble, 2i+1 high."""
+             STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store int32 ``q``: packed int4 pairs (element 2i low nibble, 2i+1 high) when BITS
+    is 4 and STORE is 0, else one element per column as int8 (STORE 0/1) or as float8
+    e4m3 (STORE 2; exact for |q| <= 16, so only for 4-bit values)."""
     row = offs_m[:, None].to(tl.int64) * stride_qm
-    if BITS == 4:
+    if BITS == 4 and STORE == 0:
         lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
         byte = ((lo & 15) | (hi << 4)).to(tl.int8)
         offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         tl.store(q_ptr + row + offs[None, :], byte, mask=mask_m[:, None] & (offs[None, :] < K // 2))
     else:
         offs = k0 + tl.arange(0, BLOCK_K)
-        tl.store(q_ptr + row + offs[None, :], q.to(tl.int8),
-                 mask=mask_m[:, None] & (offs[None, :] < K))
+        if STORE == 2:
+            val = q.to(tl.float32).to(tl.float8e4nv)
+        else:
+            val = q.to(tl.int8)
+        tl.store(q_ptr + row + offs[None, :], val, mask=mask_m[:, None] & (offs[None, :] < K))
 
 
 def _row_configs() -> list[triton.Config]:
@@ -101,23 +129,29 @@ def _row_configs() -> list[triton.Config]:
             for t in configs.row_tiles()]
 
 
-@triton.autotune(configs=_row_configs(), key=["M", "K", "BLOCK_K", "MODE", "BITS", "ROT_B"])
+@triton.autotune(configs=_row_configs(), key=[
+    "M_BUCKET", "K", "BLOCK_K", "MODE", "BITS", "GROUP", "ROT_B", "ROT_OUTER", "HAS_PERM",
+    "HAS_SMOOTH",
+    "ROT_PRECISION", "ROUND_TO", "STORE",
+])
 @triton.jit
 def _rows_kernel(
     x_ptr, perm_ptr, smooth_ptr, rot_ptr, out_ptr, scale_ptr,
-    M, K, stride_xm, stride_xk, stride_om, stride_sm, clip,
+    M, K, stride_xm, stride_xk, stride_om, stride_sm, clip, M_BUCKET,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
+    ROT_OUTER: tl.constexpr,  # 1: dense B×B dot; >1: factored Hadamard, see _butterflies
     ROUND_TO: tl.constexpr, OUT_ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr,
     MODE: tl.constexpr,  # 0 transform only, 1 quantize per token, 2 quantize per group
     BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
+    STORE: tl.constexpr,  # see _store_q
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     if ROT_B > 0:
-        rb = tl.arange(0, ROT_B)
-        rot = tl.load(rot_ptr + rb[:, None] * ROT_B + rb[None, :]).to(tl.float32)
+        rb = tl.arange(0, ROT_B // ROT_OUTER)
+        rot = tl.load(rot_ptr + rb[:, None] * (ROT_B // ROT_OUTER) + rb[None, :]).to(tl.float32)
     else:
         rot = 0.0
 
@@ -125,16 +159,16 @@ def _rows_kernel(
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                                  stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROUND_TO,
-                                  ROT_PRECISION, BLOCK_M, BLOCK_K)
+                                  stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B,
+                                  ROT_OUTER, ROUND_TO, ROT_PRECISION, BLOCK_M, BLOCK_K)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _scale_of(amax, clip, QMAX, EPS_)
         tl.store(scale_ptr + offs_m.to(tl.int64) * stride_sm, scale, mask=mask_m)
 
     for k0 in range(0, K, BLOCK_K):
         x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                              stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROUND_TO,
-                              ROT_PRECISION, BLOCK_M, BLOCK_K)
+                              stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER,
+                              ROUND_TO, ROT_PRECISION, BLOCK_M, BLOCK_K)
         if MODE == 0:
             if OUT_ROUND == 1:
                 x = round_to_bf16(x)
@@ -144,14 +178,14 @@ def _rows_kernel(
                      mask=mask_m[:, None] & (offs_k[None, :] < K))
         elif MODE == 1:
             q = _quantize_tile(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)), QMAX)
-            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, BLOCK_M, BLOCK_K)
+            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, STORE, BLOCK_M, BLOCK_K)
         else:
             xg = tl.reshape(x, (BLOCK_M, BLOCK_K // GROUP, GROUP))
             gscale = _scale_of(tl.max(tl.abs(xg), axis=2), clip, QMAX, EPS_)  # (BLOCK_M, groups)
             gs = tl.broadcast_to(gscale[:, :, None], (BLOCK_M, BLOCK_K // GROUP, GROUP))
             q = _quantize_tile(xg, gs, QMAX)
             q = tl.reshape(q, (BLOCK_M, BLOCK_K))
-            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, BLOCK_M, BLOCK_K)
+            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, STORE, BLOCK_M, BLOCK_K)
             offs_g = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
             sptrs = scale_ptr + offs_m[:, None].to(tl.int64) * stride_sm + offs_g[None, :]
             tl.store(sptrs, gscale, mask=mask_m[:, None] & (offs_g[None, :] < K // GROUP))
@@ -169,6 +203,36 @@ def _round_code(dtype: torch.dtype) -> int:
     return {torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}.get(dtype, _ROUND_NONE)
 
 
+# Rotation blocks above this size must be the Sylvester Hadamard (factored): a dense B×B
+# fp32 tile of 128 or more overflows shared memory / spills (issue 13: 133-558 KB).
+MAX_DENSE_ROT = 64
+FACTOR_INNER = 16
+_rot_cache: dict[tuple[int, int, str], tuple[weakref.ref, torch.Tensor, int]] = {}
+
+
+def _rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the tile the kernel loads, ROT_OUTER). A Sylvester Hadamard above 16 runs factored
+    (16×16 tile + butterflies, any block size fits every GPU); another matrix runs dense
+    up to MAX_DENSE_ROT. Checked once per rotation tensor (the check syncs; it must not
+    run inside CUDA-graph capture), then cached."""
+    b = rot.shape[0]
+    key = (id(rot), rot._version, str(device))
+    hit = _rot_cache.get(key)
+    if hit is not None and hit[0]() is rot:
+        return hit[1], hit[2]
+    dense = rot.to(device=device, dtype=torch.float32).contiguous()
+    operand, outer = dense, 1
+    if b > FACTOR_INNER and torch.equal(dense, hadamard(b).to(device)):
+        operand, outer = hadamard(FACTOR_INNER).to(device).contiguous(), b // FACTOR_INNER
+    elif b > MAX_DENSE_ROT:
+        raise Unsupported(f"rotation block {b} is not the Sylvester Hadamard; a dense "
+                          f"B×B tile above {MAX_DENSE_ROT} does not fit shared memory")
+    if hit is None:
+        weakref.finalize(rot, _rot_cache.pop, key, None)
+    _rot_cache[key] = (weakref.ref(rot), operand, outer)
+    return operand, outer
+
+
 def _launch(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -180,12 +244,13 @@ def _launch(
     clip: float,
     round_to: int,
     rot_precision: str | None,
+    store: int = 0,
 ) -> None:
     x2 = x.reshape(-1, plan.k)
     m = x2.shape[0]
     if m == 0:
         return
-    rot_f = rot.to(device=x.device, dtype=torch.float32).contiguous() if rot is not None else None
+    rot_f, outer = _rotation_operand(rot, x.device) if rot is not None else (None, 1)
     mode = 0 if plan.bits == 0 else (2 if plan.group else 1)
     dummy = x2  # never dereferenced when the matching flag is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
@@ -198,12 +263,13 @@ def _launch(
         scale if scale is not None else dummy,
         m, plan.k, x2.stride(0), x2.stride(1), out.stride(0),
         scale.stride(0) if scale is not None else 0,
-        float(clip),
+        float(clip), configs.m_bucket(m),
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, ROT_B=plan.rot_block,
+        ROT_OUTER=outer,
         ROUND_TO=round_to, OUT_ROUND=_round_code(out.dtype) if plan.bits == 0 else 0,
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, 1),
-        EPS_=EPS, BLOCK_K=plan.block_k,
+        EPS_=EPS, STORE=store, BLOCK_K=plan.block_k,
         enable_fp_fusion=False,  # keep x*smooth and the rounding trick as separate IEEE ops
     )
 
@@ -218,6 +284,7 @@ def rotate_quantize(
     clip: float = 1.0,
     round_to_input_dtype: bool = True,
     rot_precision: str | None = None,
+    container: str = "packed",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -225,19 +292,28 @@ def rotate_quantize(
     product of the leading dims. ``round_to_input_dtype`` rounds the transformed values
     to x's dtype before quantizing, reproducing the unfused ``clq::transform`` ->
     ``clq::quant_linear`` graph exactly; off, the fused kernel keeps them in fp32.
-    ``rot_precision``: see ``ROT_PRECISIONS`` (default tf32x3 on GPU).
+    ``rot_precision``: see ``ROT_PRECISIONS`` (default tf32x3 on GPU). ``container``:
+    how the integers are stored (``CONTAINERS``): "packed" (int4 pairs / int8), "int8" (one
+    int8 per element, for the int8 GEMM route) or "fp8" (float8 e4m3, exact for 4-bit
+    values, for ``torch._scaled_mm``).
     Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
+    if container not in CONTAINERS:
+        raise ValueError(f"container {container!r} not in {tuple(CONTAINERS)}")
+    if container == "fp8" and bits != 4:
+        raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
     plan = plan_rows(x, perm, smooth, rot, bits, group)
     m = x.numel() // plan.k if plan.k else 0
-    width = plan.k // 2 if bits == 4 else plan.k
-    q = torch.empty((m, width), dtype=torch.int8, device=x.device)
+    store = CONTAINERS[container]
+    width = plan.k // 2 if bits == 4 and store == 0 else plan.k
+    dtype = torch.float8_e4m3fn if store == 2 else torch.int8
+    q = torch.empty((m, width), dtype=dtype, device=x.device)
     n_groups = plan.k // plan.group if plan.group else 1
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
-    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision)
+    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision, store)
     return q, scale
 
 

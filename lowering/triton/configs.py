@@ -50,6 +50,13 @@ GPU_INT_GEMM_TILES: tuple[GemmTile, ...] = (
     GemmTile(64, 128, 4, 4),
     GemmTile(128, 64, 4, 4),
 )
+# Grouped scales (a second fp32 accumulator beside the int32 one): the 128x128+ tiles spill
+# on sm_80/sm_89 (compile_check: 24-1800 B), so these stay at 64x128 / 128x64.
+GPU_GROUPED_GEMM_TILES: tuple[GemmTile, ...] = (
+    GemmTile(128, 64, 4, 4),
+    GemmTile(64, 128, 4, 4),
+    GemmTile(64, 64, 4, 3),
+)
 # Weight-only (W4A16): memory-bound at small M, narrow M tiles, wide N.
 GPU_WO_GEMM_TILES: tuple[GemmTile, ...] = (
     GemmTile(16, 64, 4, 4),
@@ -81,19 +88,41 @@ MIN_ROT_BLOCK = 16
 MAX_ROT_BLOCK = 256
 
 
-def int_gemm_tiles(interpret: bool | None = None) -> tuple[GemmTile, ...]:
+def m_bucket(m: int) -> int:
+    """Autotune bucket of a row count: the next power of two, capped at 16384 (beyond that
+    the best tile no longer changes). Kernels key on this, not on M, so a new token count
+    reuses the tuned config instead of re-benchmarking (which CUDA-graph capture forbids)."""
+    return min(1 << max(m - 1, 0).bit_length(), 16384)
+
+
+def single_config() -> bool:
+    """``CLQ_TRITON_SINGLE_CONFIG=1``: compile only each kernel's first (default) tile.
+    The GPU test run sets it: correctness does not depend on the tile, and autotuning
+    every parametrized test over all tiles costs minutes of compilation."""
+    return os.environ.get("CLQ_TRITON_SINGLE_CONFIG", "0") == "1"
+
+
+def _pick(tiles: tuple, interpret_tiles: tuple, interpret: bool | None) -> tuple:
     interpret = interpreting() if interpret is None else interpret
-    return INTERPRET_GEMM_TILES if interpret else GPU_INT_GEMM_TILES
+    if interpret:
+        return interpret_tiles
+    return tiles[:1] if single_config() else tiles
+
+
+def int_gemm_tiles(interpret: bool | None = None) -> tuple[GemmTile, ...]:
+    return _pick(GPU_INT_GEMM_TILES, INTERPRET_GEMM_TILES, interpret)
+
+
+def grouped_gemm_tiles(interpret: bool | None = None) -> tuple[GemmTile, ...]:
+    return _pick(GPU_GROUPED_GEMM_TILES, INTERPRET_GEMM_TILES, interpret)
 
 
 def weight_only_tiles(interpret: bool | None = None) -> tuple[GemmTile, ...]:
-    interpret = interpreting() if interpret is None else interpret
-    return INTERPRET_GEMM_TILES if interpret else GPU_WO_GEMM_TILES
+    return _pick(GPU_WO_GEMM_TILES, INTERPRET_GEMM_TILES, interpret)
 
 
 def row_tiles(interpret: bool | None = None) -> tuple[RowTile, ...]:
-    interpret = interpreting() if interpret is None else interpret
-    return INTERPRET_ROW_TILES if interpret else GPU_ROW_TILES
+    return _pick(GPU_ROW_TILES, INTERPRET_ROW_TILES, interpret)
 
 
 def preferred_block_k(interpret: bool | None = None) -> int:
@@ -124,7 +153,10 @@ def gemm_dots(
     return [(tile.block_m, tile.block_n, depth)] * (2 if split else 1)
 
 
-def row_dots(tile: RowTile, block_k: int, rot_block: int) -> list[tuple[int, int, int]]:
+def row_dots(tile: RowTile, block_k: int, rot_block: int,
+             factored: bool = True) -> list[tuple[int, int, int]]:
     """(M, N, K) of the rotation tl.dot in the row kernel: the (BLOCK_M, BLOCK_K) tile is
-    viewed as (BLOCK_M*BLOCK_K/B, B) rows and multiplied by the B×B rotation."""
-    return [(tile.block_m * block_k // rot_block, rot_block, rot_block)]
+    viewed as (BLOCK_M*BLOCK_K/D, D) rows and multiplied by a D×D tile, D = B dense, or
+    16 for a factored Sylvester Hadamard above 16 (the rest are butterflies)."""
+    d = min(rot_block, 16) if factored else rot_block
+    return [(tile.block_m * block_k // d, d, d)]

@@ -16,6 +16,7 @@ interpret-vs-compile when its module is imported, and the test suite must get to
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -24,7 +25,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from clq_compile.lowering.triton import configs
+from clq_compile.lowering.triton import configs, routes
 from clq_compile.lowering.triton.support import Unsupported, plan_gemm
 from clq_compile.ops import quant_linear_reference, transform_reference
 
@@ -55,6 +56,24 @@ def _log_fallback(op: str, key: tuple, reason: str) -> None:
         log.warning("clq::%s %s runs the reference implementation: %s", op, key, reason)
 
 
+def _launch_errors() -> tuple[type[BaseException], ...]:
+    """Errors a real launch raises when every autotune config of a kernel is too big for
+    this GPU (shared memory, registers): the call then runs the reference, logged, instead
+    of crashing the model."""
+    errs: list[type[BaseException]] = [Unsupported]
+    try:
+        from triton.runtime.errors import OutOfResources
+
+        errs.append(OutOfResources)
+    except ImportError:  # pragma: no cover - older/newer Triton layouts
+        pass
+    return tuple(errs)
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) if isinstance(e, Unsupported) else f"{type(e).__name__}: {e}"
+
+
 def _device_reason(x: Tensor) -> str:
     if x.device.type == "cuda":
         cap = torch.cuda.get_device_capability(x.device)
@@ -66,6 +85,11 @@ def _device_reason(x: Tensor) -> str:
     return f"no Triton kernel for {x.device.type} tensors (CPU needs TRITON_INTERPRET=1)"
 
 
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on x's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def quant_linear_triton(
     x: Tensor,
     w_q: Tensor,
@@ -75,25 +99,29 @@ def quant_linear_triton(
     a_bits: int,
     a_group: int,
     a_clip: float,
+    route: str | None = None,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels: quantize x per token/group (one launch), then
-    the quantized GEMM (one launch); output in x's dtype."""
+    the GEMM of the route :func:`routes.choose` picks (or ``route``, for benchmarks);
+    output in x's dtype."""
     k = x.shape[-1]
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
            a_bits, a_group)
     reason = _device_reason(x)
     if not reason:
         try:
-            return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip, k)
-        except Unsupported as e:
-            reason = str(e)
+            with _on_device(x):
+                return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
+                                     k, route)
+        except _launch_errors() as e:
+            reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
 
 
 def _quant_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-    w_bits: int, a_bits: int, a_group: int, a_clip: float, k: int,
+    w_bits: int, a_bits: int, a_group: int, a_clip: float, k: int, route: str | None,
 ) -> Tensor:
     qgemm = _kernels("qgemm")
     x2 = x.reshape(-1, k)
@@ -103,17 +131,31 @@ def _quant_linear(
     # Check the GEMM before launching the quantize kernel, so a fallback wastes nothing.
     if a_bits < 16 and a_group and k % a_group:
         raise Unsupported(f"activation group {a_group} does not divide K={k}")
-    plan_gemm(
-        a_bits, w_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype
-    )
+    if route is None:
+        cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
+        route = routes.choose(cap, x.dtype, w_bits, a_bits, a_group, w_scale.shape[1], k, n)
+    elif route not in routes.ROUTES:
+        raise ValueError(f"route {route!r} not in {routes.ROUTES}")
+    g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
+    plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
+    act_quant = _kernels("act_quant")
     if a_bits == 16:
-        a, a_scale = x2, None
+        y = qgemm.quant_matmul(x2, None, w_q, w_scale, bias, a_bits=16, w_bits=w_bits,
+                               out_dtype=x.dtype)
+    elif route == "fp8":
+        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, 4, 0, a_clip,
+                                               container="fp8")
+        y = routes.fp8_matmul(a, a_scale, w_q, w_scale, bias, x.dtype)
+    elif route == "int8":
+        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, a_bits, a_group, a_clip,
+                                               container="int8")
+        w8 = routes.unpacked_weight(w_q, w_bits, "int8")
+        y = qgemm.quant_matmul(a, a_scale, w8, w_scale, bias, a_bits=8, w_bits=8,
+                               out_dtype=x.dtype)
     else:
-        a, a_scale = _kernels("act_quant").rotate_quantize(
-            x2, None, None, None, a_bits, a_group, a_clip
-        )
-    y = qgemm.quant_matmul(a, a_scale, w_q, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
-                           out_dtype=x.dtype)
+        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, a_bits, a_group, a_clip)
+        y = qgemm.quant_matmul(a, a_scale, w_q, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
+                               out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -126,9 +168,10 @@ def transform_triton(
     reason = _device_reason(x)
     if not reason:
         try:
-            return _kernels("act_quant").transform(x, perm, smooth, rot)
-        except Unsupported as e:
-            reason = str(e)
+            with _on_device(x):
+                return _kernels("act_quant").transform(x, perm, smooth, rot)
+        except _launch_errors() as e:
+            reason = _reason(e)
     _log_fallback("transform", key, reason)
     return transform_reference(x, perm, smooth, rot)
 

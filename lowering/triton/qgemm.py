@@ -35,9 +35,12 @@ def _load_split(ptr, rows, mask_rows, k0, K, stride_r, stride_k, PACKED: tl.cons
     """Even-element and odd-element columns k0.. of a (rows, K) operand, each HALF wide;
     transposed to (HALF, rows) when not ROWS_FIRST (the weight side of the dot)."""
     offs_h = tl.arange(0, HALF)
+    rows = rows.to(tl.int64)  # M*K may pass 2**31 (video DiTs with CFG)
     if PACKED:
         kb = k0 // 2 + offs_h  # byte index along packed K
-        kmask = kb < (K + 1) // 2
+        # K is even whenever an operand is packed; `K // 2` (not `(K + 1) // 2`) keeps
+        # K's divisibility by 16 visible, so the loads vectorize and pipeline.
+        kmask = kb < K // 2
         if ROWS_FIRST:
             p = tl.load(ptr + rows[:, None] * stride_r + kb[None, :] * stride_k,
                         mask=mask_rows[:, None] & kmask[None, :], other=0)
@@ -73,7 +76,8 @@ def _mma(acc, a, w, A_KIND: tl.constexpr, FLOAT_DOT_FP32: tl.constexpr,
         else:
             acc = tl.dot(a, w.to(a.dtype), acc)
     else:
-        acc = tl.dot(a, w, acc)
+        # out_dtype spelled out: Triton <= 3.6 defaults it to fp32 whatever acc is.
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     return acc
 
 
@@ -95,7 +99,8 @@ def _segment_dot(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_start, k_s
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            rows_a = offs_m[:, None].to(tl.int64) * stride_am
+            a = tl.load(a_ptr + rows_a + offs_k[None, :] * stride_ak,
                         mask=mask_m[:, None] & kmask[None, :], other=0)
             w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                         mask=kmask[:, None] & mask_n[None, :], other=0)
@@ -110,14 +115,15 @@ def _scaled(acc, as_ptr, ws_ptr, offs_m, mask_m, offs_n, mask_n, seg_start,
     sw = tl.load(ws_ptr + offs_n * stride_wsn + seg_start // W_GROUP, mask=mask_n, other=0.0)
     if A_KIND == 2:
         return acc * sw[None, :]
-    sa = tl.load(as_ptr + offs_m * stride_asm + seg_start // A_GROUP, mask=mask_m, other=0.0)
+    sa_ptrs = as_ptr + offs_m.to(tl.int64) * stride_asm + seg_start // A_GROUP
+    sa = tl.load(sa_ptrs, mask=mask_m, other=0.0)
     return acc.to(tl.float32) * (sa[:, None] * sw[None, :])
 
 
 @triton.jit
 def _qgemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,
-    M, N, K, SEG, A_GROUP, W_GROUP,
+    M, N, K, SEG, A_GROUP, W_GROUP, M_BUCKET,
     stride_am, stride_ak, stride_asm, stride_wn, stride_wk, stride_wsn, stride_om, stride_on,
     A_KIND: tl.constexpr, W_PACKED: tl.constexpr, GROUPED: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_ACC: tl.constexpr, OUT_BF16: tl.constexpr,
@@ -177,10 +183,15 @@ def _tile_configs(tiles: tuple[configs.GemmTile, ...]) -> list[triton.Config]:
     ]
 
 
-_KEY = ["M", "N", "K", "SEG", "A_KIND", "W_PACKED", "GROUPED", "BLOCK_K", "STORE_ACC"]
-# Two autotuners over one kernel: compute-bound int tiles vs memory-bound weight-only tiles.
+# M enters the key only as a power-of-two bucket: a new token count must not re-benchmark
+# (that would break CUDA-graph capture and cost seconds per new shape).
+_KEY = ["M_BUCKET", "N", "K", "SEG", "A_KIND", "W_PACKED", "GROUPED", "BLOCK_K", "STORE_ACC"]
+# Three autotuners over one kernel: compute-bound int tiles, int tiles small enough for the
+# grouped variant's two accumulators, and memory-bound weight-only tiles.
 _int_gemm = triton.autotune(_tile_configs(configs.int_gemm_tiles()), key=_KEY)(_qgemm_kernel)
 _wo_gemm = triton.autotune(_tile_configs(configs.weight_only_tiles()), key=_KEY)(_qgemm_kernel)
+_grouped_gemm = triton.autotune(_tile_configs(configs.grouped_gemm_tiles()),
+                                key=_KEY)(_qgemm_kernel)
 
 
 def _logical_k(w_q: torch.Tensor, w_bits: int) -> int:
@@ -227,13 +238,14 @@ def quant_matmul(
     a_scale_t = a_scale.to(torch.float32) if a_scale is not None else w_scale
     a_kind = _A_KIND_CODE[plan.a_kind]
     fp32_dot = a_kind == _A_FLOAT and (configs.interpreting() or a.dtype == torch.float32)
-    kernel = _wo_gemm if a_kind == _A_FLOAT else _int_gemm
+    kernel = (_wo_gemm if a_kind == _A_FLOAT
+              else _grouped_gemm if plan.grouped else _int_gemm)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
     )
     kernel[grid](
         a, a_scale_t, w_q, w_scale, bias if bias is not None else w_scale, out,
-        m, n, k, plan.seg, plan.a_group, plan.w_group,
+        m, n, k, plan.seg, plan.a_group, plan.w_group, configs.m_bucket(m),
         a.stride(0), a.stride(1), a_scale_t.stride(0), w_q.stride(0), w_q.stride(1),
         w_scale.stride(0), out.stride(0), out.stride(1),
         A_KIND=a_kind, W_PACKED=plan.w_packed, GROUPED=plan.grouped,

@@ -45,6 +45,7 @@ def test_gemm_tiles_satisfy_dot_minimums(interpret: bool) -> None:
         except Unsupported:
             continue
         tiles = (configs.weight_only_tiles(interpret) if plan.a_kind == "float"
+                 else configs.grouped_gemm_tiles(interpret) if plan.grouped
                  else configs.int_gemm_tiles(interpret))
         for tile in tiles:
             for shape in configs.gemm_dots(tile, plan.block_k, plan.a_kind, plan.w_packed):
@@ -77,6 +78,7 @@ def test_interpreter_runs_one_config_per_kernel() -> None:
     assert configs.interpreting() is not ON_GPU
     tuners = [(qgemm._int_gemm, configs.int_gemm_tiles()),
               (qgemm._wo_gemm, configs.weight_only_tiles()),
+              (qgemm._grouped_gemm, configs.grouped_gemm_tiles()),
               (act_quant._rows_kernel, configs.row_tiles())]
     for tuner, tiles in tuners:
         assert len(tuner.configs) == len(tiles)
