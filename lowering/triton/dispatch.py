@@ -1,13 +1,15 @@
 """Serve ``torch.ops.clq.*`` with the Triton kernels on CUDA tensors.
 
 ``register()`` adds CUDA kernels for ``clq::quant_linear`` (activation-quantize kernel +
-quantized GEMM; weight-only when ``a_bits`` is 16) and ``clq::transform`` (the same row
+the GEMM of the route ``routes.choose`` picks: packed int4, int8-stored or fp8
+``_scaled_mm``; weight-only when ``a_bits`` is 16) and ``clq::transform`` (the same row
 kernel in transform-only mode). CPU calls keep the reference implementations.
 
 ``quant_linear_triton`` / ``transform_triton`` are the registered functions; they also run
 on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests this exact path. A
-call the kernels do not take (shape, group, dtype, GPU generation) runs the reference
-instead, with the reason logged once per shape.
+call the kernels do not take (shape, group, dtype, GPU generation), or for which no
+autotune config fits this GPU (``OutOfResources``), runs the reference instead, with the
+reason logged once per shape.
 
 Kernel modules are imported on first use, not by ``register()``: ``@triton.jit`` fixes
 interpret-vs-compile when its module is imported, and the test suite must get to set

@@ -82,29 +82,28 @@ def _mma(acc, a, w, A_KIND: tl.constexpr, FLOAT_DOT_FP32: tl.constexpr,
 
 
 @triton.jit
-def _segment_dot(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_start, k_stop, K,
-                 stride_am, stride_ak, stride_wn, stride_wk,
-                 A_KIND: tl.constexpr, W_PACKED: tl.constexpr, FLOAT_DOT_FP32: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Accumulate columns [k_start, k_stop) of A·Wᵀ into ``acc``."""
+def _k_step(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K,
+            stride_am, stride_ak, stride_wn, stride_wk,
+            A_KIND: tl.constexpr, W_PACKED: tl.constexpr, FLOAT_DOT_FP32: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Accumulate columns [k0, k0 + BLOCK_K) of A·Wᵀ into ``acc``."""
     SPLIT: tl.constexpr = (A_KIND == 1) or W_PACKED
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        if SPLIT:
-            a_e, a_o = _load_split(a_ptr, offs_m, mask_m, k0, K, stride_am, stride_ak,
-                                   A_KIND == 1, True, BLOCK_K // 2)
-            w_e, w_o = _load_split(w_ptr, offs_n, mask_n, k0, K, stride_wn, stride_wk,
-                                   W_PACKED, False, BLOCK_K // 2)
-            acc = _mma(acc, a_e, w_e, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
-            acc = _mma(acc, a_o, w_o, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            kmask = offs_k < K
-            rows_a = offs_m[:, None].to(tl.int64) * stride_am
-            a = tl.load(a_ptr + rows_a + offs_k[None, :] * stride_ak,
-                        mask=mask_m[:, None] & kmask[None, :], other=0)
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=kmask[:, None] & mask_n[None, :], other=0)
-            acc = _mma(acc, a, w, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
+    if SPLIT:
+        a_e, a_o = _load_split(a_ptr, offs_m, mask_m, k0, K, stride_am, stride_ak,
+                               A_KIND == 1, True, BLOCK_K // 2)
+        w_e, w_o = _load_split(w_ptr, offs_n, mask_n, k0, K, stride_wn, stride_wk,
+                               W_PACKED, False, BLOCK_K // 2)
+        acc = _mma(acc, a_e, w_e, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
+        acc = _mma(acc, a_o, w_o, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        rows_a = offs_m[:, None].to(tl.int64) * stride_am
+        a = tl.load(a_ptr + rows_a + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & kmask[None, :], other=0)
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=kmask[:, None] & mask_n[None, :], other=0)
+        acc = _mma(acc, a, w, A_KIND, FLOAT_DOT_FP32, DOT_PRECISION)
     return acc
 
 
@@ -146,19 +145,26 @@ def _qgemm_kernel(
     ACC_DTYPE: tl.constexpr = tl.float32 if A_KIND == 2 else tl.int32
 
     if GROUPED:
+        # One flat K loop (BLOCK_K divides SEG): a segment's int32 sum is scaled into the
+        # fp32 output when the segment ends. A loop per segment nested in a loop over
+        # segments left the inner one-or-two-step loop unpipelined (12 async copies vs 24).
         out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for s in range(0, K, SEG):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-            acc = _segment_dot(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, s, s + SEG, K,
-                               stride_am, stride_ak, stride_wn, stride_wk, A_KIND, W_PACKED,
-                               FLOAT_DOT_FP32, DOT_PRECISION, BLOCK_K)
-            out = out + _scaled(acc, as_ptr, ws_ptr, offs_m, mask_m, offs_n, mask_n, s,
-                                A_GROUP, W_GROUP, stride_asm, stride_wsn, A_KIND)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            acc = _k_step(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K,
+                          stride_am, stride_ak, stride_wn, stride_wk, A_KIND, W_PACKED,
+                          FLOAT_DOT_FP32, DOT_PRECISION, BLOCK_K)
+            if (k0 + BLOCK_K) % SEG == 0:
+                out = out + _scaled(acc, as_ptr, ws_ptr, offs_m, mask_m, offs_n, mask_n,
+                                    k0 + BLOCK_K - SEG, A_GROUP, W_GROUP, stride_asm,
+                                    stride_wsn, A_KIND)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-        acc = _segment_dot(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, 0, K, K,
-                           stride_am, stride_ak, stride_wn, stride_wk, A_KIND, W_PACKED,
-                           FLOAT_DOT_FP32, DOT_PRECISION, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            acc = _k_step(acc, a_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K,
+                          stride_am, stride_ak, stride_wn, stride_wk, A_KIND, W_PACKED,
+                          FLOAT_DOT_FP32, DOT_PRECISION, BLOCK_K)
         if not STORE_ACC:
             out = _scaled(acc, as_ptr, ws_ptr, offs_m, mask_m, offs_n, mask_n, 0,
                           A_GROUP, W_GROUP, stride_asm, stride_wsn, A_KIND)
