@@ -18,9 +18,10 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-# --dry-run (benchmarks/run_gpu.sh --dry-run, tests/test_benchmarks.py): every stage on CPU
-# under the Triton interpreter at tiny shapes, timed once, written to CLQ_BENCH_DRY_DIR,
-# so the plumbing is checked before GPU time is spent. Never a measurement.
+# --dry-run (benchmarks/run_gpu.sh --dry-run, tests/benchmarks/test_run_gpu_dry.py): every
+# stage on CPU under the Triton interpreter at tiny shapes, timed once, written to
+# CLQ_BENCH_DRY_DIR, so the plumbing is checked before GPU time is spent. Never a
+# measurement.
 DRY_RUN = False
 
 

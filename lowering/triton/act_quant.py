@@ -16,14 +16,13 @@ Import this module only after choosing interpret vs compile (``TRITON_INTERPRET`
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs
+from clq_compile.lowering.triton.derived import derived
 from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
 from clq_compile.lowering.triton.support import RowPlan, Unsupported, plan_rows
 from clq_compile.quant import EPS
@@ -131,8 +130,7 @@ def _row_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_row_configs(), key=[
     "M_BUCKET", "K", "BLOCK_K", "MODE", "BITS", "GROUP", "ROT_B", "ROT_OUTER", "HAS_PERM",
-    "HAS_SMOOTH",
-    "ROT_PRECISION", "ROUND_TO", "STORE",
+    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE",
 ])
 @triton.jit
 def _rows_kernel(
@@ -203,34 +201,24 @@ def _round_code(dtype: torch.dtype) -> int:
     return {torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}.get(dtype, _ROUND_NONE)
 
 
-# Rotation blocks above this size must be the Sylvester Hadamard (factored): a dense B×B
-# fp32 tile of 128 or more overflows shared memory / spills (issue 13: 133-558 KB).
-MAX_DENSE_ROT = 64
-FACTOR_INNER = 16
-_rot_cache: dict[tuple[int, int, str], tuple[weakref.ref, torch.Tensor, int]] = {}
-
-
 def _rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """(the tile the kernel loads, ROT_OUTER). A Sylvester Hadamard above 16 runs factored
-    (16×16 tile + butterflies, any block size fits every GPU); another matrix runs dense
-    up to MAX_DENSE_ROT. Checked once per rotation tensor (the check syncs; it must not
-    run inside CUDA-graph capture), then cached."""
-    b = rot.shape[0]
-    key = (id(rot), rot._version, str(device))
-    hit = _rot_cache.get(key)
-    if hit is not None and hit[0]() is rot:
-        return hit[1], hit[2]
-    dense = rot.to(device=device, dtype=torch.float32).contiguous()
-    operand, outer = dense, 1
-    if b > FACTOR_INNER and torch.equal(dense, hadamard(b).to(device)):
-        operand, outer = hadamard(FACTOR_INNER).to(device).contiguous(), b // FACTOR_INNER
-    elif b > MAX_DENSE_ROT:
-        raise Unsupported(f"rotation block {b} is not the Sylvester Hadamard; a dense "
-                          f"B×B tile above {MAX_DENSE_ROT} does not fit shared memory")
-    if hit is None:
-        weakref.finalize(rot, _rot_cache.pop, key, None)
-    _rot_cache[key] = (weakref.ref(rot), operand, outer)
-    return operand, outer
+    """(the tile the kernel loads, ROT_OUTER). A Sylvester Hadamard above FACTOR_INNER runs
+    factored (any block size fits every GPU); another matrix runs dense up to
+    MAX_DENSE_ROT. Checked once per rotation tensor and device (the check syncs; it must
+    not run inside CUDA-graph capture)."""
+    def make(r: torch.Tensor) -> tuple[torch.Tensor, int]:
+        b = r.shape[0]
+        dense = r.to(device=device, dtype=torch.float32).contiguous()
+        if b > configs.FACTOR_INNER and torch.equal(dense, hadamard(b).to(device)):
+            inner = configs.FACTOR_INNER
+            return hadamard(inner).to(device).contiguous(), b // inner
+        if b > configs.MAX_DENSE_ROT:
+            raise Unsupported(f"rotation block {b} is not the Sylvester Hadamard; a dense "
+                              f"B×B tile above {configs.MAX_DENSE_ROT} does not fit shared "
+                              "memory")
+        return dense, 1
+
+    return derived(rot, ("rotation", str(device)), make)
 
 
 def _launch(

@@ -86,6 +86,11 @@ MAX_ROW_BLOCK_K = 1024  # a (16, 1024) fp32 tile is the most a row program holds
 # Rotation (Hadamard) block sizes the fused kernel supports (a tl.dot against a B×B tile).
 MIN_ROT_BLOCK = 16
 MAX_ROT_BLOCK = 256
+# A Sylvester Hadamard block above FACTOR_INNER runs factored (a FACTOR_INNER² dot plus
+# butterflies); another rotation runs as one dense B×B dot, which above MAX_DENSE_ROT
+# overflows shared memory or spills (a dense 128 needed 133-164 KB, a 256 525+ KB).
+FACTOR_INNER = 16
+MAX_DENSE_ROT = 64
 
 
 def m_bucket(m: int) -> int:
@@ -153,10 +158,9 @@ def gemm_dots(
     return [(tile.block_m, tile.block_n, depth)] * (2 if split else 1)
 
 
-def row_dots(tile: RowTile, block_k: int, rot_block: int,
-             factored: bool = True) -> list[tuple[int, int, int]]:
-    """(M, N, K) of the rotation tl.dot in the row kernel: the (BLOCK_M, BLOCK_K) tile is
-    viewed as (BLOCK_M*BLOCK_K/D, D) rows and multiplied by a D×D tile, D = B dense, or
-    16 for a factored Sylvester Hadamard above 16 (the rest are butterflies)."""
-    d = min(rot_block, 16) if factored else rot_block
+def row_dots(tile: RowTile, block_k: int, rot_block: int) -> list[tuple[int, int, int]]:
+    """(M, N, K) of the rotation tl.dot in the row kernel for a Hadamard block: the
+    (BLOCK_M, BLOCK_K) tile is viewed as (BLOCK_M*BLOCK_K/D, D) rows and multiplied by a
+    D×D tile, D = min(B, FACTOR_INNER) (the rest of a larger block is butterflies)."""
+    d = min(rot_block, FACTOR_INNER)
     return [(tile.block_m * block_k // d, d, d)]

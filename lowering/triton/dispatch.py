@@ -140,22 +140,20 @@ def _quant_linear(
         raise ValueError(f"route {route!r} not in {routes.ROUTES}")
     g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
     plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
-    act_quant = _kernels("act_quant")
     if a_bits == 16:
         y = qgemm.quant_matmul(x2, None, w_q, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
-    elif route == "fp8":
-        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, 4, 0, a_clip,
-                                               container="fp8")
+        return y.reshape(*x.shape[:-1], n)
+    # The route decides how the quantizer stores the integers ("packed" keeps int4 pairs).
+    a, a_scale = _kernels("act_quant").rotate_quantize(x2, None, None, None, a_bits, a_group,
+                                                       a_clip, container=route)
+    if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w_q, w_scale, bias, x.dtype)
     elif route == "int8":
-        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, a_bits, a_group, a_clip,
-                                               container="int8")
         w8 = routes.unpacked_weight(w_q, w_bits, "int8")
         y = qgemm.quant_matmul(a, a_scale, w8, w_scale, bias, a_bits=8, w_bits=8,
                                out_dtype=x.dtype)
     else:
-        a, a_scale = act_quant.rotate_quantize(x2, None, None, None, a_bits, a_group, a_clip)
         y = qgemm.quant_matmul(a, a_scale, w_q, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
                                out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], n)

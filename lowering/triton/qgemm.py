@@ -147,7 +147,8 @@ def _qgemm_kernel(
     if GROUPED:
         # One flat K loop (BLOCK_K divides SEG): a segment's int32 sum is scaled into the
         # fp32 output when the segment ends. A loop per segment nested in a loop over
-        # segments left the inner one-or-two-step loop unpipelined (12 async copies vs 24).
+        # segments could not prefetch across segments (its inner loop is one or two steps
+        # long); the flat loop's speed is not yet measured on a GPU.
         out = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
         for k0 in range(0, K, BLOCK_K):

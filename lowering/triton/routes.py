@@ -23,20 +23,17 @@ re-read the weights every step.
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 from torch import Tensor
 
+from clq_compile.lowering.triton.derived import derived, tensor_bytes
 from clq_compile.quant import unpack_int4
 
 log = logging.getLogger(__name__)
-ROUTES = ("packed", "int8", "fp8")
+ROUTES = ("packed", "int8", "fp8")  # each also names the quantizer's container for it
 _bias_in_epilogue = True  # cleared once if this torch's row-wise _scaled_mm refuses a bias
 HOPPER = (9, 0)
-# id(weight) -> (weakref to it, its _version, container, unpacked). Keyed by id, since a
-# WeakKeyDictionary compares tensor keys with ``==``; a finalizer drops dead entries.
-_cache: dict[tuple[int, str], tuple[weakref.ref, int, Tensor]] = {}
 
 
 def choose(
@@ -59,20 +56,16 @@ def unpacked_weight(w_q: Tensor, w_bits: int, container: str) -> Tensor:
         if container != "int8":
             raise ValueError("8-bit weights are not exact in float8 e4m3")
         return w_q
-    key = (id(w_q), container)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
-        return hit[2]
-    w = unpack_int4(w_q)
-    w = w.to(torch.float8_e4m3fn) if container == "fp8" else w.contiguous()
-    if hit is None or hit[0]() is not w_q:
-        weakref.finalize(w_q, _cache.pop, key, None)
-    _cache[key] = (weakref.ref(w_q), w_q._version, w)
-    return w
+
+    def unpack(w: Tensor) -> Tensor:
+        u = unpack_int4(w)
+        return u.to(torch.float8_e4m3fn) if container == "fp8" else u.contiguous()
+
+    return derived(w_q, ("unpacked", container), unpack)
 
 
 def weight_cache_bytes() -> int:
-    return sum(t.numel() * t.element_size() for _, _, t in _cache.values())
+    return tensor_bytes("unpacked")
 
 
 def fp8_matmul(
