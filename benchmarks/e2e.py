@@ -245,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             cq = torch.compile(qm)
             rows.append(measure(f"{label} + torch.compile", lambda cq=cq: cq(**inputs), ref,
                                 args.rep_ms, dict(extra)))
+            # The backend path: Inductor around the clq ops, CUDA graphs, packing per call.
+            cb = torch.compile(model, backend="clq", fullgraph=True, options={
+                "recipe": "rtn", "bits": "w4a4", "mode": "reduce-overhead"})
+            try:
+                rows.append(measure("clq backend W4A4 rtn (Inductor, reduce-overhead)",
+                                    lambda cb=cb: cb(**inputs), ref, args.rep_ms, {}))
+            except Exception as e:
+                rows.append({"method": "clq backend W4A4 rtn", "error": repr(e)[:500]})
         del qm
 
     base = rows[0].get("ms")

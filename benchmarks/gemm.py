@@ -3,8 +3,9 @@
 Rows per (M, K, N): bf16 ``torch.matmul`` (cuBLAS), ``torch._int_mm`` W8A8 (cuBLASLt
 int8 -> int32, no scale epilogue: a lower bound for an int8 GEMM), and our Triton
 kernels: W8A8, W4A8, W4A4 GEMMs on pre-quantized activations, W4A4 "linear" (the full
-``clq::quant_linear``: activation quantize + GEMM) and W4A16 (weight-only, also at small
-M, its regime). Each row gives median time, TOPS (2·M·N·K / t), speed vs bf16, and % of
+``clq::quant_linear``: activation quantize + GEMM), the same with the H128 rotation fused
+into the quantizer (what quarot/clq deploy) and W4A16 (weight-only, also at small M, its
+regime). Each row gives median time, TOPS (2·M·N·K / t), speed vs bf16, and % of
 the GPU's dense peak; ours are first checked against exact float64 sums. Inputs are not
 rotated: do_bench flushes L2 before every timed call, so each call starts cold, as a
 layer of a 28-block DiT does.
@@ -79,7 +80,7 @@ def run_shape(m: int, k: int, n: int, model: str, check: bool, kernels: tuple,
             return lambda: qgemm.quant_matmul(aq, sa, wq, sw, None, a_bits=a_bits,
                                               w_bits=w_bits, out_dtype=torch.bfloat16)
         return lambda: dispatch.quant_linear_triton(x, wq, sw, None, w_bits, a_bits, 0, 1.0,
-                                                    route)
+                                                    route=route)
 
     cases: list[tuple[str, Any]] = [
         ("bf16 torch.matmul", lambda: torch.matmul(x, w.t())),
@@ -107,6 +108,14 @@ def run_shape(m: int, k: int, n: int, model: str, check: bool, kernels: tuple,
             cases.append((f"ours W{w_bits}A{a_bits} linear (act-quant + gemm) route={route}",
                           mm("linear", a_bits, w_bits, route)))
     cases.append(("ours W4A16", mm("linear", 16, 4)))
+    if k % 128 == 0:  # what quarot/clq deploy: the H128 rotation inside the quantizer
+        from clq_compile.hadamard import hadamard
+
+        rot = hadamard(128).to(dev)
+        wq4, sw4 = q["w4"]
+        cases.append(("ours W4A4 linear + fused H128 rotation (route auto)",
+                      lambda: dispatch.quant_linear_triton(x, wq4, sw4, None, 4, 4, 0, 1.0,
+                                                           None, None, rot)))
 
     errors: dict[str, float] = {}
     if check:

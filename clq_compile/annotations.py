@@ -1,4 +1,6 @@
-"""Typed annotations the analysis passes attach as ``node.meta["clq"]``."""
+"""Typed annotations the passes attach to nodes: ``node.meta["clq"]`` (a LinearInfo, from
+analysis) and ``node.meta["clq_layers"]`` (the planned layers a ``clq.quant_linear``
+computes, from the rewrite)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 META_KEY = "clq"
+LAYERS_KEY = "clq_layers"
 
 
 @dataclass
@@ -32,3 +35,9 @@ def linear_info(node: fx.Node) -> LinearInfo | None:
 def annotated_linears(gm: fx.GraphModule) -> list[fx.Node]:
     """Linear nodes carrying a LinearInfo, in graph order."""
     return [n for n in gm.graph.nodes if linear_info(n) is not None]
+
+
+def layer_names(node: fx.Node) -> list[str]:
+    """The layers a rewritten ``clq.quant_linear`` node computes, in output order (several
+    when siblings share one quantized input)."""
+    return list(node.meta.get(LAYERS_KEY, ()))

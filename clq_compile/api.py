@@ -15,7 +15,7 @@ from clq_compile.capture import Captured, capture, grown_call, own_tensors, shar
 from clq_compile.errors import CalibrationError, CaptureError, ConfigError, QuantizationError
 from clq_compile.model import QuantizedModel
 from clq_compile.passes.infra import PassManager
-from clq_compile.passes.rewrite import RewriteLinears
+from clq_compile.passes.share_inputs import plan_passes
 from clq_compile.plan import Plan
 from clq_compile.recipes.base import RecipeConfig
 from clq_compile.shard import Shard
@@ -165,7 +165,7 @@ def quantize(
         for i, g in enumerate(graphs):
             if i:
                 analyze(g.gm, spec, config)
-            g.gm = PassManager([RewriteLinears(plan, weights="packed")])(g.gm).gm
+            g.gm = PassManager(plan_passes(plan, weights="packed"))(g.gm).gm
             own_tensors(g.gm)
             if i:
                 share_tensors(g.gm, graphs[0].gm)

@@ -8,12 +8,19 @@ Two traps shape this file (see ecosystem.md §1):
 - regional compilation reuses one graph for N identical blocks, each call passing other
   weights, which the same cache handles. Transforms are orthogonal/invertible and folded
   into whatever weight arrives, so the result stays exact in float for every block.
+
+So the packing stays in Python, outside what Inductor compiles: the rewritten graph's
+packers are cut off and their outputs become graph inputs (``split_packers``); Inductor
+compiles the rest (norms, modulation, attention, the ``clq`` ops as extern kernels), and
+each call packs (cache hit: one fingerprint per weight) then runs the compiled graph.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +30,8 @@ from clq_compile.build import build_plan, resolve
 from clq_compile.calibration import as_calls
 from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.passes.infra import PassManager
-from clq_compile.passes.rewrite import RewriteLinears
+from clq_compile.passes.share_inputs import plan_passes
+from clq_compile.weight_cache import WeightPacker
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +92,22 @@ def clq_backend(
     mode: str | None = None,
 ):
     """Options: ``recipe``, ``bits``, ``calib`` (list of forward-kwargs dicts), plus the
-    recipe's own options. Without ``calib`` only data-free decisions are made."""
+    recipe's own options. Without ``calib`` only data-free decisions are made.
+    ``inductor``: hand the rewritten graph to Inductor (default: when the graph's inputs
+    are on a GPU); ``mode``: Inductor's mode (``"reduce-overhead"``: CUDA graphs), also
+    accepted as ``torch.compile``'s own ``mode=`` argument."""
     opts = dict(options or {})
     recipe = opts.pop("recipe", "rtn")
     bits = opts.pop("bits", "w4a4")
     calib = opts.pop("calib", None)
+    mode = opts.pop("mode", mode)
+    inductor = opts.pop("inductor", None)
+    if mode not in inductor_modes():
+        raise ConfigError(f"option mode={mode!r}; choose one of {inductor_modes()}")
+    if inductor not in (None, True, False):
+        raise ConfigError(f"option inductor={inductor!r}; choose True, False or None (auto)")
+    if inductor is False and mode not in (None, "default"):
+        raise ConfigError(f"option mode={mode!r} is an Inductor mode; it needs inductor=True")
     config, spec = resolve(recipe, bits, **opts)
     if config.weights != "rtn" or config.lowrank:
         what = f"weights={config.weights!r}" if config.weights != "rtn" else \
@@ -113,15 +132,77 @@ def clq_backend(
             )
         flat = [list(example_inputs)]
     plan = build_plan(gm, spec, config, flat, measure=calib is not None)
-    gm = PassManager([RewriteLinears(plan, weights="runtime")])(gm).gm
+    gm = PassManager(plan_passes(plan, weights="runtime"))(gm).gm
     gm.meta["clq_plan"] = plan
     log.info("clq backend: %d/%d linears quantized (%s %s)", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)
 
+    if inductor is None:
+        inductor = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+    run = _inductor(gm, example_inputs, mode) if inductor else _eager(gm)
+    run.clq_plan = plan  # type: ignore[attr-defined]
+    run.graph_module = gm  # type: ignore[attr-defined]
+    run.inductor = inductor  # type: ignore[attr-defined]
+    return run
+
+
+def inductor_modes() -> tuple[str | None, ...]:
+    from torch._inductor import list_mode_options
+
+    return (None, *list_mode_options(None))
+
+
+def _eager(gm: fx.GraphModule) -> Callable[..., Any]:
     def run(*args: Any) -> Any:
         with torch.no_grad():
             return gm(*args)
 
-    run.clq_plan = plan  # type: ignore[attr-defined]
-    run.graph_module = gm  # type: ignore[attr-defined]
+    return run
+
+
+def split_packers(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[WeightPacker, int]]]:
+    """A copy of ``gm`` whose weight packers are cut off: each packer's two outputs
+    (w_q, w_scale) become new trailing inputs. Returns it and, in input order, each
+    packer with the index of the weight input it packs."""
+    graph = copy.deepcopy(gm.graph)
+    inner = fx.GraphModule(gm, graph)  # shares gm's modules and tensors
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    last, packers = placeholders[-1], []
+    for node in list(graph.nodes):
+        if node.op != "call_module" or not isinstance(inner.get_submodule(node.target),
+                                                      WeightPacker):
+            continue
+        outs = []
+        for i in range(2):
+            with graph.inserting_after(last):
+                last = graph.placeholder(f"{node.target}_{i}")
+            outs.append(last)
+        for user in list(node.users):
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        packers.append((inner.get_submodule(node.target), placeholders.index(node.args[0])))
+        graph.erase_node(node)
+    graph.lint()
+    inner.recompile()
+    return inner, packers
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None
+              ) -> Callable[..., Any]:
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    inner, packers = split_packers(gm)
+
+    def packs(args: list[Any] | tuple[Any, ...]) -> list[torch.Tensor]:
+        return [t for packer, i in packers for t in packer(args[i])]
+
+    with torch.no_grad():  # an inference graph: the clq ops have no autograd formula
+        compiled = compile_fx(inner, [*example_inputs, *packs(example_inputs)],
+                              config_patches=list_mode_options(mode or "default"))
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return compiled(*args, *packs(args))
+
     return run

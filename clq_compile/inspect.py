@@ -7,6 +7,7 @@ from typing import Any
 from tabulate import tabulate
 
 from clq_compile.lowrank import storage_dtype
+from clq_compile.passes.rewrite import quant_linear_nodes
 from clq_compile.plan import LayerPlan, Plan
 
 
@@ -71,6 +72,10 @@ def summary(qm: Any) -> str:
         f"quantized-linear weights {fp_lin:,} B -> {q_lin:,} B ({ratio:.2f}x); "
         f"model weights {qm.fp_weight_bytes:,} B -> {total:,} B ({mratio:.2f}x)"
     )
+    gemms = quant_linear_nodes(qm.graph_module)
+    if gemms:
+        line += (f"; run as {len(gemms)} quantized GEMMs, "
+                 f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
     note = plan.meta.get("coverage")
     return f"{line}\nWARNING: {note}" if note else line
 

@@ -14,6 +14,19 @@ from torch import Tensor
 from clq_compile.hadamard import block_hadamard
 from clq_compile.quant import dequantize, fake_quantize, unpack_int4
 
+# Elementwise ops a quant_linear may apply to x first (the op that produced its input,
+# fused into the quantizer): name -> F.gelu's ``approximate``.
+PROLOGUES = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def apply_prologue(x: Tensor, prologue: str | None) -> Tensor:
+    """``prologue`` applied in x's dtype, as the unfused graph computes it."""
+    if prologue is None:
+        return x
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue {prologue!r} not in {tuple(PROLOGUES)}")
+    return torch.nn.functional.gelu(x, approximate=PROLOGUES[prologue])
+
 
 def weight_group(k: int, w_scale: Tensor) -> int:
     """Group size implied by a weight-scale tensor of shape (N, n_groups): 0 = per channel."""
@@ -64,7 +77,14 @@ def quant_linear_reference(
     a_bits: int,
     a_group: int,
     a_clip: float,
+    perm: Tensor | None = None,
+    smooth: Tensor | None = None,
+    rot: Tensor | None = None,
+    prologue: str | None = None,
 ) -> Tensor:
+    x = apply_prologue(x, prologue)
+    if perm is not None or smooth is not None or rot is not None:
+        x = transform_reference(x, perm, smooth, rot)
     k = x.shape[-1]
     w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
     xf = x.float()
@@ -86,16 +106,26 @@ def quant_linear(
     a_bits: int,
     a_group: int,
     a_clip: float,
+    perm: Tensor | None = None,
+    smooth: Tensor | None = None,
+    rot: Tensor | None = None,
+    prologue: str | None = None,
 ) -> Tensor:
-    """y = Q_a(x) · Q_w(W)ᵀ + b with a dynamically quantized activation.
+    """y = Q_a(T(P(x))) · Q_w(W)ᵀ + b with a dynamically quantized activation.
 
     ``w_q``: int8 (N, K/2) packed int4 when ``w_bits`` is 4, else int8 (N, K).
     ``w_scale``: float32 (N, K/group) (N, 1) per output channel.
     ``a_bits`` 16 keeps the activation in float (weight-only); otherwise the activation is
     quantized symmetric per token (``a_group`` 0) or per K-group, with scale
     ``max(a_clip * absmax, EPS) / qmax``.
+    ``perm``/``smooth``/``rot``: the input transform ``T`` of ``clq::transform`` (identity
+    when all None), computed exactly as that op computes it, then quantized: a transform
+    with one consumer runs inside the activation quantizer (one kernel, one read of x).
+    ``prologue``: an elementwise op (``PROLOGUES``) applied to x first, in x's dtype: the
+    GELU that produced the input of an MLP's down-projection, fused into its quantizer.
     """
-    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
+                                  perm, smooth, rot, prologue)
 
 
 @quant_linear.register_fake
@@ -108,5 +138,9 @@ def _(
     a_bits: int,
     a_group: int,
     a_clip: float,
+    perm: Tensor | None = None,
+    smooth: Tensor | None = None,
+    rot: Tensor | None = None,
+    prologue: str | None = None,
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

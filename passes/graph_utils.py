@@ -19,6 +19,8 @@ LINEAR_TARGETS = frozenset({aten.linear.default, torch._C._nn.linear, F.linear})
 SDPA_TARGETS = frozenset(
     {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 )
+GELU_TARGETS = frozenset({aten.gelu.default, torch._C._nn.gelu, F.gelu})
+DROPOUT_TARGETS = frozenset({aten.dropout.default, F.dropout, torch.dropout})
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -27,6 +29,25 @@ def is_linear(node: fx.Node) -> bool:
 
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def gelu_kind(node: fx.Node) -> str | None:
+    """"gelu" or "gelu_tanh" (``clq_compile.ops.PROLOGUES``) for a GELU node, else None."""
+    if node.op != "call_function" or node.target not in GELU_TARGETS:
+        return None
+    approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+    return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+
+
+def is_inert_dropout(node: fx.Node) -> bool:
+    """A dropout that is the identity: eval mode (export keeps ``aten.dropout`` with
+    train=False; Dynamo ``F.dropout(x, p, training=False)``) or p = 0."""
+    if node.op != "call_function" or node.target not in DROPOUT_TARGETS:
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    train = node.kwargs.get("train", node.kwargs.get("training",
+                                                     node.args[2] if len(node.args) > 2 else True))
+    return train is False or p == 0
 
 
 def op_name(node: fx.Node) -> str:

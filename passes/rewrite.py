@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.annotations import LAYERS_KEY, annotated_linears, layer_names, linear_info
 from clq_compile.digest import content_key
 from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.infra import GraphPass, PassResult
@@ -156,6 +156,7 @@ class RewriteLinears(GraphPass):
                     (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
                 )
                 new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
+                new.meta[LAYERS_KEY] = [lp.name]
                 if branch is not None:  # quant_linear(x) + (x·downᵀ)·upᵀ, as quantized_linear
                     dtype = {"dtype": weight_tensor(gm, node).dtype}
                     up, down = (graph.call_function(TO_COPY, (t,), dtype) for t in branch)
@@ -175,7 +176,17 @@ class RewriteLinears(GraphPass):
     def ensures(self, gm: fx.GraphModule) -> None:
         if self.weights == "float":
             return
-        n = sum(1 for x in gm.graph.nodes if x.op == "call_function" and x.target == QUANT_LINEAR)
-        want = len(self.plan.quantized_layers())
-        if n != want:
-            raise RuntimeError(f"rewrite left {n} clq.quant_linear nodes, plan has {want}")
+        ensure_planned_layers(gm, self.plan)
+
+
+def quant_linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QUANT_LINEAR]
+
+
+def ensure_planned_layers(gm: fx.GraphModule, plan: Plan) -> None:
+    """Every quantized layer of the plan is computed by exactly one quant_linear node."""
+    got = [name for n in quant_linear_nodes(gm) for name in layer_names(n)]
+    want = sorted(lp.name for lp in plan.quantized_layers())
+    if sorted(got) != want:
+        raise RuntimeError(f"the graph's clq.quant_linear nodes compute {len(got)} layers "
+                           f"({len(set(got))} distinct), the plan quantizes {len(want)}")

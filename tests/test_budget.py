@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import clq_compile as clq
-from clq_compile.annotations import linear_info
+from clq_compile.annotations import layer_names
 from clq_compile.passes.rewrite import QUANT_LINEAR
 from clq_compile.testing import held_out_sqnr, tiny_pixart
 
@@ -38,8 +38,8 @@ def test_budget_promotes_the_most_sensitive_layers_within_the_budget(pixart):
     assert all(lp.spec.name == "w8a8" and (lp.w_clip, lp.a_clip) == (1.0, 1.0)
                for lp in promoted)
     # the graph runs them at 8 bits; inspect says which and why
-    bits = {linear_info(n).name: n.args[4] for n in qm.graph_module.graph.nodes
-            if n.target == QUANT_LINEAR}
+    bits = {name: n.args[4] for n in qm.graph_module.graph.nodes
+            if n.target == QUANT_LINEAR for name in layer_names(n)}
     assert {n for n, b in bits.items() if b == 8} == set(want)
     assert f"promoted to w8a8 (budget: #1 of {len(size)}" in clq.inspect(qm)
     assert held_out_sqnr(model, qm, inputs) > held_out_sqnr(model, base, inputs)

@@ -3,6 +3,7 @@
 import re
 
 import clq_compile as clq
+from clq_compile.passes.rewrite import quant_linear_nodes
 from clq_compile.testing import tiny_pixart
 
 
@@ -23,3 +24,7 @@ def test_inspect_rows_and_summary():
     m = re.search(r"(\d+)/(\d+) linears quantized", lines[-1])
     assert (int(m.group(1)), int(m.group(2))) == (n_q, len(qm.plan.layers))
     assert "x)" in lines[-1]
+    # q/k/v share a quantizer: fewer GEMMs than layers, counted from the graph
+    gemms = quant_linear_nodes(qm.graph_module)
+    assert f"run as {len(gemms)} quantized GEMMs, {len(gemms)} activation quantizers" \
+        in lines[-1] and len(gemms) < n_q

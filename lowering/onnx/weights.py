@@ -16,10 +16,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import torch
+from onnxscript import opset21 as op
 
-from clq_compile.ops import unpack_weight, weight_group
+from clq_compile.ops import PROLOGUES, unpack_weight, weight_group
 
 from .errors import OnnxExportError
+from .transform import transform
 
 _INT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
 
@@ -138,6 +140,13 @@ def nbits_tensors(w: PackedWeight, block: int) -> tuple[ir.Tensor, ir.Tensor]:
 LowerLinear = Callable[[ir.Value, PackedWeight, "ir.Value | None", int, int, float], ir.Value]
 
 
+def _like(y: ir.Value, x: ir.Value) -> ir.Value:
+    """``y`` typed as x (elementwise or transform of it): tracing loses symbolic shapes
+    through Reshape, and the lowering needs x's rank."""
+    y.shape, y.dtype = y.shape or x.shape, y.dtype or x.dtype
+    return y
+
+
 def quant_linear_translation(weights: WeightTable, lower: LowerLinear) -> Callable[..., ir.Value]:
     """The torch.onnx translation of ``clq.quant_linear`` (the op's own signature, which
     torch.onnx reads): look up the packed weight, then hand the layer to ``lower``."""
@@ -151,7 +160,15 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear) -> Callab
         a_bits: int,
         a_group: int,
         a_clip: float,
+        perm: ir.Value | None = None,
+        smooth: ir.Value | None = None,
+        rot: ir.Value | None = None,
+        prologue: str | None = None,
     ) -> ir.Value:
+        if prologue is not None:  # the producer's GELU, fused into the op
+            x = _like(op.Gelu(x, approximate=PROLOGUES[prologue]), x)
+        if perm is not None or smooth is not None or rot is not None:
+            x = _like(transform(x, perm, smooth, rot), x)  # the op's fused input transform
         return lower(x, weights.weight(w_q, w_scale, w_bits), bias, a_bits, a_group, a_clip)
 
     return quant_linear

@@ -36,6 +36,7 @@ ROT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 DEFAULT_ROT_PRECISION = "ieee" if configs.interpreting() else "tf32x3"
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
 CONTAINERS = {"packed": 0, "int8": 1, "fp8": 2}
+_PROLOGUE_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}  # clq_compile.ops.PROLOGUES
 
 
 @triton.jit
@@ -53,13 +54,37 @@ def _butterflies(x, INNER: tl.constexpr, OUTER: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _round_as(x, CODE: tl.constexpr):
+    """fp32 values rounded to bf16 (CODE 1) or fp16 (2), kept in fp32; 0: unchanged."""
+    if CODE == 1:
+        x = round_to_bf16(x)
+    elif CODE == 2:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _prologue(x, PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr):
+    """GELU (1: erf, 2: tanh form) in fp32, rounded to x's dtype as the unfused op's output
+    is. tanh(u) = 2·sigmoid(2u) − 1: Triton has no tanh of its own."""
+    if PROLOGUE == 1:
+        x = _round_as(0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476)), IN_ROUND)
+    elif PROLOGUE == 2:
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = _round_as(0.5 * x * (2.0 * tl.sigmoid(2.0 * u)), IN_ROUND)
+    return x
+
+
+@triton.jit
 def _transformed_tile(
     x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K, stride_xm, stride_xk,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr, ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """fp32 tile of ((x[:, perm] * smooth) · blockdiag(rot)) for columns k0..k0+BLOCK_K."""
+    """fp32 tile of ((P(x)[:, perm] * smooth) · blockdiag(rot)) for columns
+    k0..k0+BLOCK_K, P the prologue (elementwise, so it commutes with the gather)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     if HAS_PERM:
@@ -68,7 +93,7 @@ def _transformed_tile(
         cols = offs_k.to(tl.int64)
     mask = mask_m[:, None] & mask_k[None, :]
     ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = _prologue(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), PROLOGUE, IN_ROUND)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         x = x * s[None, :]
@@ -81,11 +106,7 @@ def _transformed_tile(
         if ROT_OUTER > 1:
             x = _butterflies(x, DOT_B, ROT_OUTER, BLOCK_M, BLOCK_K)
     # Match the unfused graph, where clq::transform returns the activation dtype.
-    if ROUND_TO == 1:
-        x = round_to_bf16(x)
-    elif ROUND_TO == 2:
-        x = x.to(tl.float16).to(tl.float32)
-    return x
+    return _round_as(x, ROUND_TO)
 
 
 @triton.jit
@@ -130,7 +151,7 @@ def _row_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_row_configs(), key=[
     "M_BUCKET", "K", "BLOCK_K", "MODE", "BITS", "GROUP", "ROT_B", "ROT_OUTER", "HAS_PERM",
-    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE",
+    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE", "PROLOGUE",
 ])
 @triton.jit
 def _rows_kernel(
@@ -142,6 +163,7 @@ def _rows_kernel(
     MODE: tl.constexpr,  # 0 transform only, 1 quantize per token, 2 quantize per group
     BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
     STORE: tl.constexpr,  # see _store_q
+    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr,  # see _prologue
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -158,7 +180,8 @@ def _rows_kernel(
         for k0 in range(0, K, BLOCK_K):
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
                                   stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B,
-                                  ROT_OUTER, ROUND_TO, ROT_PRECISION, BLOCK_M, BLOCK_K)
+                                  ROT_OUTER, ROUND_TO, ROT_PRECISION, PROLOGUE, IN_ROUND,
+                                  BLOCK_M, BLOCK_K)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _scale_of(amax, clip, QMAX, EPS_)
         tl.store(scale_ptr + offs_m.to(tl.int64) * stride_sm, scale, mask=mask_m)
@@ -166,7 +189,7 @@ def _rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
                               stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER,
-                              ROUND_TO, ROT_PRECISION, BLOCK_M, BLOCK_K)
+                              ROUND_TO, ROT_PRECISION, PROLOGUE, IN_ROUND, BLOCK_M, BLOCK_K)
         if MODE == 0:
             if OUT_ROUND == 1:
                 x = round_to_bf16(x)
@@ -233,6 +256,7 @@ def _launch(
     round_to: int,
     rot_precision: str | None,
     store: int = 0,
+    prologue: str | None = None,
 ) -> None:
     x2 = x.reshape(-1, plan.k)
     m = x2.shape[0]
@@ -257,7 +281,8 @@ def _launch(
         ROUND_TO=round_to, OUT_ROUND=_round_code(out.dtype) if plan.bits == 0 else 0,
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, 1),
-        EPS_=EPS, STORE=store, BLOCK_K=plan.block_k,
+        EPS_=EPS, STORE=store, PROLOGUE=_PROLOGUE_CODES[prologue],
+        IN_ROUND=_round_code(x.dtype), BLOCK_K=plan.block_k,
         enable_fp_fusion=False,  # keep x*smooth and the rounding trick as separate IEEE ops
     )
 
@@ -273,6 +298,7 @@ def rotate_quantize(
     round_to_input_dtype: bool = True,
     rot_precision: str | None = None,
     container: str = "packed",
+    prologue: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -283,13 +309,16 @@ def rotate_quantize(
     ``rot_precision``: see ``ROT_PRECISIONS`` (default tf32x3 on GPU). ``container``:
     how the integers are stored (``CONTAINERS``): "packed" (int4 pairs / int8), "int8" (one
     int8 per element, for the int8 GEMM route) or "fp8" (float8 e4m3, exact for 4-bit
-    values, for ``torch._scaled_mm``).
+    values, for ``torch._scaled_mm``). ``prologue``: ``clq_compile.ops.PROLOGUES``, applied
+    to x first and rounded to its dtype.
     Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
     if container not in CONTAINERS:
         raise ValueError(f"container {container!r} not in {tuple(CONTAINERS)}")
+    if prologue not in _PROLOGUE_CODES:
+        raise ValueError(f"prologue {prologue!r} not in {tuple(_PROLOGUE_CODES)}")
     if container == "fp8" and bits != 4:
         raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
     plan = plan_rows(x, perm, smooth, rot, bits, group)
@@ -301,7 +330,8 @@ def rotate_quantize(
     n_groups = plan.k // plan.group if plan.group else 1
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
-    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision, store)
+    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision, store,
+            prologue)
     return q, scale
 
 

@@ -109,7 +109,7 @@ def _row_variants() -> list[Variant]:
                 out_ptr="*i8", scale_ptr="*fp32")
     base = dict(HAS_PERM=True, HAS_SMOOTH=True, ROT_B=128, ROT_OUTER=8, ROUND_TO=1, OUT_ROUND=0,
                 ROT_PRECISION="tf32x3", MODE=1, BITS=4, QMAX=7, GROUP=1, EPS_=EPS, STORE=0,
-                BLOCK_K=configs.GPU_ROW_BLOCK_K)
+                PROLOGUE=0, IN_ROUND=1, BLOCK_K=configs.GPU_ROW_BLOCK_K)
 
     def v(name, ptr_over=None, min_arch=80, **over):
         return Variant(name, "rows", {**ptrs, **(ptr_over or {})}, {**base, **over}, "rows",
@@ -121,6 +121,8 @@ def _row_variants() -> list[Variant]:
         v("act-int4-token-h64-dense", ROT_B=64, ROT_OUTER=1),
         v("act-int4-token-fp8-container", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
           STORE=2),
+        v("act-int4-token-gelu-tanh-fp8", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
+          STORE=2, PROLOGUE=2),
         v("act-int4-group128", HAS_PERM=False, HAS_SMOOTH=False, ROT_B=0, MODE=2, GROUP=128),
         v("act-int8-token-fp16", {"x_ptr": "*fp16"}, ROT_B=0, ROUND_TO=2, BITS=8, QMAX=127),
         v("transform-h16-bf16", {"out_ptr": "*bf16"}, HAS_SMOOTH=False, ROT_B=16, ROT_OUTER=1,

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from clq_compile.lowering.triton import configs, routes
 from clq_compile.lowering.triton.support import Unsupported, plan_gemm
-from clq_compile.ops import quant_linear_reference, transform_reference
+from clq_compile.ops import apply_prologue, quant_linear_reference, transform_reference
 
 log = logging.getLogger(__name__)
 
@@ -101,31 +101,40 @@ def quant_linear_triton(
     a_bits: int,
     a_group: int,
     a_clip: float,
+    perm: Tensor | None = None,
+    smooth: Tensor | None = None,
+    rot: Tensor | None = None,
+    prologue: str | None = None,
     route: str | None = None,
 ) -> Tensor:
-    """``clq::quant_linear`` on the kernels: quantize x per token/group (one launch), then
-    the GEMM of the route :func:`routes.choose` picks (or ``route``, for benchmarks);
-    output in x's dtype."""
-    k = x.shape[-1]
+    """``clq::quant_linear`` on the kernels: transform and quantize x per token/group (one
+    launch), then the GEMM of the route :func:`routes.choose` picks (or ``route``, for
+    benchmarks); output in x's dtype."""
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
-           a_bits, a_group)
+           a_bits, a_group, perm is not None, smooth is not None,
+           None if rot is None else tuple(rot.shape), prologue)
+    transform = (perm, smooth, rot)
     reason = _device_reason(x)
     if not reason:
         try:
             with _on_device(x):
                 return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                     k, route)
+                                     transform, prologue, route)
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
-    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
+    return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
+                                  *transform, prologue)
 
 
 def _quant_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-    w_bits: int, a_bits: int, a_group: int, a_clip: float, k: int, route: str | None,
+    w_bits: int, a_bits: int, a_group: int, a_clip: float,
+    transform: tuple[Tensor | None, Tensor | None, Tensor | None], prologue: str | None,
+    route: str | None,
 ) -> Tensor:
     qgemm = _kernels("qgemm")
+    k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = w_q.shape[0]
     if x2.shape[0] == 0:
@@ -141,12 +150,16 @@ def _quant_linear(
     g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
     plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
     if a_bits == 16:
+        x2 = apply_prologue(x2, prologue)  # weight-only: no quantizer to fuse it into
+        if any(t is not None for t in transform):
+            x2 = _kernels("act_quant").transform(x2, *transform)
         y = qgemm.quant_matmul(x2, None, w_q, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
     # The route decides how the quantizer stores the integers ("packed" keeps int4 pairs).
-    a, a_scale = _kernels("act_quant").rotate_quantize(x2, None, None, None, a_bits, a_group,
-                                                       a_clip, container=route)
+    # Rounded to x's dtype before quantizing, as clq::transform's output would be.
+    a, a_scale = _kernels("act_quant").rotate_quantize(x2, *transform, a_bits, a_group, a_clip,
+                                                       container=route, prologue=prologue)
     if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w_q, w_scale, bias, x.dtype)
     elif route == "int8":

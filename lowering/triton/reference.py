@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from clq_compile.ops import transform_reference, unpack_weight
+from clq_compile.ops import apply_prologue, transform_reference, unpack_weight
 from clq_compile.quant import pack_int4, quantize, unpack_int4
 
 _INT32 = torch.iinfo(torch.int32)
@@ -26,10 +26,12 @@ def rotate_quantize_reference(
     group: int = 0,
     clip: float = 1.0,
     round_to_input_dtype: bool = True,
+    prologue: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of ``act_quant.rotate_quantize``: transform, then ``clq_compile.quant``."""
+    """Twin of ``act_quant.rotate_quantize``: prologue, transform, then
+    ``clq_compile.quant``."""
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = apply_prologue(x.reshape(-1, k), prologue)
     if perm is None and smooth is None and rot is None:
         y = x2
     elif round_to_input_dtype:

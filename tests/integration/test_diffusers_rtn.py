@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clq_compile as clq
+from clq_compile.annotations import layer_names
 from clq_compile.qlinear import sqnr
 from clq_compile.testing import TINY_MODELS
 
@@ -33,9 +34,10 @@ def test_rtn_quality_and_node_count(model_and_inputs, bits):
     assert out.shape == ref.shape and torch.isfinite(out).all()
     db = sqnr(ref, out)
     assert db > FLOORS[bits], f"{bits}: {db:.1f} dB"
-    n_ops = sum(1 for n in qm.graph_module.graph.nodes
-                if n.op == "call_function" and n.target == torch.ops.clq.quant_linear.default)
-    assert n_ops == len(qm.plan.quantized_layers()) > 0
+    layers = [name for n in qm.graph_module.graph.nodes
+              if n.op == "call_function" and n.target == torch.ops.clq.quant_linear.default
+              for name in layer_names(n)]
+    assert sorted(layers) == sorted(lp.name for lp in qm.plan.quantized_layers()) != []
     assert all(lp.sqnr_db is not None for lp in qm.plan.quantized_layers())
 
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from clq_compile.lowering.onnx import ort_feeds, ort_session
-from clq_compile.ops import quant_linear_reference
+from clq_compile.ops import apply_prologue, quant_linear_reference, transform_reference
 from clq_compile.quant import quantize_with_scale, symmetric_scale
 
 QUANT_LINEAR = torch.ops.clq.quant_linear.default
@@ -40,8 +40,9 @@ def quant_linears(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def act_key(node: fx.Node) -> tuple[Any, ...]:
-    """Layers with the same input and activation spec share one run-time quantizer."""
-    return (node.args[0], *node.args[5:8])
+    """Layers with the same input, input transform and activation spec share one run-time
+    quantizer."""
+    return (node.args[0], *node.args[5:8], *node.args[8:])
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,9 @@ def _first_inputs(qm: Any, args: tuple, kwargs: dict,
     seen: dict[tuple, torch.Tensor] = {}
 
     def hook(node: fx.Node, x: torch.Tensor, w_q, w_scale, bias, w_bits, a_bits, a_group,
-             a_clip) -> torch.Tensor:
+             a_clip, perm=None, smooth=None, rot=None, prologue=None) -> torch.Tensor:
+        # the quantizer's input: after the prologue and transform the op may hold
+        x = transform_reference(apply_prologue(x, prologue), perm, smooth, rot)
         if a_bits >= 16:
             return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
         seen.setdefault(act_key(node), x.detach().float())
@@ -202,7 +205,7 @@ def compare_activations(
     total = flipped = step = cascade = 0
     tie = 0.0
     for key, (codes, _) in ort.items():
-        _, bits, group, clip = key
+        bits, group, clip = key[1:4]
         ref_codes, dist = _codes_and_ties(local[key], bits, group, clip)
         diff = (codes - ref_codes).abs()
         total += diff.numel()

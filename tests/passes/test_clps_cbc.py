@@ -5,10 +5,12 @@ import torch
 from torch import nn
 
 import clq_compile as clq
+from clq_compile.annotations import layer_names
 from clq_compile.api import capture_calls
 from clq_compile.build import analyze
 from clq_compile.calibration import flatten_calls
 from clq_compile.cbc import calibrate_blockwise
+from clq_compile.ops import apply_prologue, transform_reference
 from clq_compile.recipes import resolve_recipe
 from clq_compile.runner import GraphRunner, PlanContext
 from clq_compile.spec import QuantSpec
@@ -79,19 +81,24 @@ def _block_inputs(prefix):
     return model, calls, seen
 
 
-def _interpret_inputs(qm, layer_names, calls):
-    """Inputs of the named clq.quant_linear nodes, by a plain FX Interpreter."""
+def _interpret_inputs(qm, names, calls):
+    """Inputs of the clq.quant_linear nodes computing the named layers (after the prologue
+    and input transform the node may hold), by a plain FX Interpreter."""
     got = {}
 
     class Spy(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            info = n.meta.get("clq")
-            if n.target == torch.ops.clq.quant_linear.default and info.name in layer_names:
-                x = self.env[n.args[0]].float().reshape(-1, D)
-                prev = got.get(info.name)
-                am = x.abs().amax(0)
-                got[info.name] = am if prev is None else torch.maximum(prev, am)
+            if n.target != torch.ops.clq.quant_linear.default:
+                return out
+            x = apply_prologue(self.env[n.args[0]], (*n.args[11:], None)[0])
+            if len(n.args) > 8:
+                x = transform_reference(x, *(None if a is None else self.env[a]
+                                             for a in n.args[8:11]))
+            am = x.float().reshape(-1, D).abs().amax(0)
+            for name in set(layer_names(n)) & names:
+                prev = got.get(name)
+                got[name] = am if prev is None else torch.maximum(prev, am)
             return out
 
     for c in calls:

@@ -12,6 +12,7 @@ import clq_compile  # noqa: F401 - defines torch.ops.clq
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs, dispatch
 from clq_compile.ops import quant_linear_reference, transform_reference, unpack_weight
+from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, quantize_weight
 from tests.triton.helpers import (
     assert_equal,
@@ -125,3 +126,52 @@ def test_cpu_without_interpreter_falls_back(monkeypatch, caplog) -> None:
         y = dispatch.quant_linear_triton(x, w_q, w_s, None, 4, 4, 0, 1.0)
     assert_equal(y, quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0), "fallback")
     assert "TRITON_INTERPRET" in caplog.text
+
+
+@pytest.mark.parametrize(("a_bits", "a_group", "route", "b"), [
+    (4, 0, None, 64), (4, 0, "int8", 256), (4, 0, "fp8", 16), (8, 64, None, 256),
+    (16, 0, None, 64),
+])
+def test_quant_linear_with_fused_transform(a_bits, a_group, route, b, device, caplog) -> None:
+    """The input transform inside quant_linear (one kernel: gather, smooth, rotate,
+    quantize; H256 factored) on exact inputs (integers, power-of-two smoothing, Hadamard
+    entries ±2^-j): the transformed values are exact, so the integers equal the
+    reference's and the output is within the GEMM's summation bound."""
+    k, n, dtype = 256, 32, torch.bfloat16
+    x = integer_activation(6, k, dtype, seed=b)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(k, generator=g)
+    smooth = 2.0 ** torch.randint(-2, 3, (k,), generator=g).float()
+    rot = hadamard(b)
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=g), 4)
+    t = [v.to(device) for v in (perm, smooth, rot)]
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                         4, a_bits, a_group, 1.0, *t, route=route)
+    assert "reference" not in caplog.text
+    y_ref = quant_linear_reference(x, w_q, w_s, None, 4, a_bits, a_group, 1.0, perm, smooth, rot)
+    xt = transform_reference(x, perm, smooth, rot).float()
+    x_deq = fake_quantize(xt, a_bits, a_group, 1.0) if a_bits < 16 else xt
+    w_deq = dequantize(unpack_weight(w_q, 4), w_s, 0)
+    bound = matmul_bound(x_deq.abs(), w_deq.abs(), None, y_ref, dtype, k // (a_group or k))
+    assert_within(y.cpu(), y_ref, bound, "quant_linear with transform")
+
+
+@pytest.mark.parametrize("route", [None, "int8", "fp8"])
+def test_quant_linear_with_gelu_prologue(route, device, caplog) -> None:
+    """GELU + transform + quantize in one kernel, then the route's GEMM. Triton's and
+    torch's GELU differ by a few fp32 ulps, which can move a rare code by one step (see
+    test_act_quant.test_prologue_gelu); the output must then agree with the reference far
+    beyond W4A4's own noise (~20 dB against float): floor 40 dB."""
+    k, n, dtype = 256, 48, torch.bfloat16
+    x = random_activation(12, k, dtype, seed=5)
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(6)), 4)
+    rot = hadamard(128)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                         4, 4, 0, 1.0, None, None, rot.to(device),
+                                         "gelu_tanh", route=route)
+    assert "reference" not in caplog.text
+    y_ref = quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None, rot,
+                                   "gelu_tanh")
+    assert sqnr(y_ref, y.cpu()) > 40.0
