@@ -13,6 +13,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from clq_compile.ops import PROLOGUES
+
 aten = torch.ops.aten
 
 LINEAR_TARGETS = frozenset({aten.linear.default, torch._C._nn.linear, F.linear})
@@ -36,7 +38,7 @@ def gelu_kind(node: fx.Node) -> str | None:
     if node.op != "call_function" or node.target not in GELU_TARGETS:
         return None
     approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    return {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+    return next((k for k, v in PROLOGUES.items() if v == approximate), None)
 
 
 def is_inert_dropout(node: fx.Node) -> bool:
