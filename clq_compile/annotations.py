@@ -1,6 +1,7 @@
 """Typed annotations the passes attach to nodes: ``node.meta["clq"]`` (a LinearInfo, from
 analysis) and ``node.meta["clq_layers"]`` (the planned layers a ``clq.quant_linear``
-computes, from the rewrite)."""
+computes, from the rewrite), and the one graph-level key: ``gm.meta["clq_checkpoint"]``
+(where a graph's meta-device weights are read from, see ``clq_compile.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.fx as fx
 
 META_KEY = "clq"
 LAYERS_KEY = "clq_layers"
+CHECKPOINT_KEY = "clq_checkpoint"
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch.fx as fx
 from clq_compile.build import analyze, build_plan, resolve
 from clq_compile.calibration import bind_calls, flatten_calls
 from clq_compile.capture import Captured, capture, grown_call, own_tensors, share_tensors
+from clq_compile.checkpoint import Checkpoint, materialize, open_checkpoint
 from clq_compile.errors import CalibrationError, CaptureError, ConfigError, QuantizationError
 from clq_compile.model import QuantizedModel
 from clq_compile.passes.infra import PassManager
@@ -25,15 +26,24 @@ from clq_compile.spec import QuantSpec
 log = logging.getLogger(__name__)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device | None:
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.device.type == "meta":
+def _model_device(model: torch.nn.Module, checkpoint: Checkpoint | None = None
+                  ) -> torch.device | None:
+    """Where the model's tensors live (calibration inputs go there); meta tensors are
+    allowed only when a checkpoint holds their values (they are read on the CPU)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.device.type == "meta" and checkpoint is None:
             raise QuantizationError(
                 f"{type(model).__name__}.{name} is on the meta device and holds no values: "
                 "load the weights first (e.g. load_state_dict(..., assign=True) or "
-                "from_pretrained)")
-    first = next(iter([*model.parameters(), *model.buffers()]), None)
-    return None if first is None else first.device
+                "from_pretrained), or pass checkpoint=... to read them block by block")
+    real = [t for _, t in tensors if t.device.type != "meta"]
+    if checkpoint is not None:
+        if any(t.device.type != "cpu" for t in real):
+            raise ConfigError("option checkpoint: reads weights on the CPU; the model's "
+                              "other tensors are on " + str(real[0].device))
+        return torch.device("cpu")
+    return real[0].device if real else None
 
 
 def _params(model: torch.nn.Module) -> list[Param]:
@@ -47,7 +57,8 @@ def _graph_for(graphs: list[Captured], call: dict[str, Any]) -> int | None:
     return next((i for i, g in enumerate(graphs) if g.rejects(call) is None), None)
 
 
-def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
+def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None,
+                  checkpoint: Checkpoint | None = None
                   ) -> tuple[list[Captured], list[dict[str, Any]]]:
     """Bind every call to ``model.forward`` and capture graphs for them: the first call's
     graph, plus one per size the model specializes on that a later call has (a
@@ -55,8 +66,8 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
     the first graph takes (the calibration set); a call no graph could take for reasons
     other than sizes (dtype, structure, constants) raises ``CalibrationError``."""
     params = _params(model)
-    calls = bind_calls(params, calib, type(model).__name__, _model_device(model))
-    graphs = [capture(model, params, calls[0], dynamic_shapes)]
+    calls = bind_calls(params, calib, type(model).__name__, _model_device(model, checkpoint))
+    graphs = [capture(model, params, calls[0], dynamic_shapes, checkpoint=checkpoint)]
     first = graphs[0].call_spec
     kept = []
     for i, raw in enumerate(calls):
@@ -68,7 +79,8 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
         if g is None:  # another size: the model may specialize on it (another graph)
             why = graphs[0].rejects(call)
             try:
-                graphs.append(capture(model, params, raw, dynamic_shapes, like=graphs[0]))
+                graphs.append(capture(model, params, raw, dynamic_shapes, like=graphs[0],
+                                      checkpoint=checkpoint))
             except Exception as e:  # noqa: BLE001 - the model cannot take this call at all
                 raise CalibrationError(f"calibration call {i}: {why}") from e
             log.info("calibration call %d needs another graph (%s)", i, why)
@@ -82,8 +94,8 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
     return graphs, kept
 
 
-def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: Any
-                  ) -> list[Captured]:
+def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: Any,
+                  checkpoint: Checkpoint | None = None) -> list[Captured]:
     """Graphs for ``extra_shapes``: calls at other sizes, or "auto" (probe every dynamic
     size doubled; capture it only if the model specializes on the captured size)."""
     if extra_shapes is None:
@@ -94,7 +106,8 @@ def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: 
         if probe is None or _graph_for(graphs, probe) is not None:
             return []
         try:
-            extra = capture(model, params, probe, graphs[0].dynamic_shapes, like=graphs[0])
+            extra = capture(model, params, probe, graphs[0].dynamic_shapes, like=graphs[0],
+                            checkpoint=checkpoint)
         except CaptureError as e:  # the model cannot run at doubled sizes: nothing to add
             log.info("no graph for other sizes: %s", e)
             return []
@@ -107,23 +120,28 @@ def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: 
     out: list[Captured] = []
     for call in bind_calls(params, extra_shapes, type(model).__name__):
         if _graph_for(graphs + out, graphs[0].call_spec.normalize((), call)[0]) is None:
-            out.append(capture(model, params, call, graphs[0].dynamic_shapes, like=graphs[0]))
+            out.append(capture(model, params, call, graphs[0].dynamic_shapes, like=graphs[0],
+                               checkpoint=checkpoint))
     return out
 
 
 def plan_model(model: torch.nn.Module, calib: Any, recipe: str | RecipeConfig = "rtn",
                bits: str | QuantSpec = "w4a4", dynamic_shapes: Any = None,
-               **options: Any) -> tuple[fx.GraphModule, Plan]:
+               checkpoint: Any = None, max_weight_bytes: int | None = None,
+               measure: bool = False, **options: Any) -> tuple[fx.GraphModule, Plan]:
     """Capture, analyze and plan without rewriting: the analyzed graph and its Plan."""
     config, spec = resolve(recipe, bits, **options)
+    ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
     was_training = model.training
     model.eval()
     try:
-        graphs, calls = capture_calls(model, calib, dynamic_shapes)
+        graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
         gm = graphs[0].gm
-        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=False)
+        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure)
     finally:
         model.train(was_training)
+    if ckpt is not None:
+        plan.meta["checkpoint"] = ckpt.stats()
     return gm, plan
 
 
@@ -136,6 +154,8 @@ def quantize(
     measure: bool = True,
     extra_shapes: Any = "auto",
     distributed: bool = False,
+    checkpoint: Any = None,
+    max_weight_bytes: int | None = None,
     **options: Any,
 ) -> QuantizedModel:
     """Quantize ``model`` through graph passes.
@@ -148,16 +168,20 @@ def quantize(
     The model is left as it was (its weights, its training flag). ``distributed``: split
     the per-layer calibration work over the ranks of the initialized ``torch.distributed``
     process group; every rank calls this with the same model and calibration set and gets
-    the plan one process would build.
+    the plan one process would build. ``checkpoint``: a safetensors file, a folder of them
+    or a list, holding the values of the model's meta-device tensors (a model built
+    without weights); they are read block by block as calibration reaches them, keeping
+    at most ``max_weight_bytes`` (default: the largest block's) between reads.
     """
     t0 = time.perf_counter()
     config, spec = resolve(recipe, bits, **options)
     shard = Shard(distributed)
+    ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
     was_training = model.training
     model.eval()
     try:
-        graphs, calls = capture_calls(model, calib, dynamic_shapes)
-        graphs += _extra_graphs(model, graphs, extra_shapes)
+        graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
+        graphs += _extra_graphs(model, graphs, extra_shapes, ckpt)
         t1 = time.perf_counter()
         gm = graphs[0].gm
         plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure,
@@ -166,6 +190,7 @@ def quantize(
             if i:
                 analyze(g.gm, spec, config)
             g.gm = PassManager(plan_passes(plan, weights="packed"))(g.gm).gm
+            materialize(g.gm)
             own_tensors(g.gm)
             if i:
                 share_tensors(g.gm, graphs[0].gm)
@@ -173,6 +198,8 @@ def quantize(
         model.train(was_training)
     plan.meta.update(capture_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3),
                      graphs=len(graphs))
+    if ckpt is not None:
+        plan.meta["checkpoint"] = ckpt.stats()
     log.info("quantized %d/%d linears with %s %s", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)
     cls = type(model)

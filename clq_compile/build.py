@@ -70,6 +70,7 @@ def measure_layers(ctx: PlanContext, plan: Plan) -> None:
     segments = ctx.runner.order
     for seg in tqdm(segments, desc="measure", leave=False, disable=len(segments) < 8):
         ctx.runner.run_segment(seg, envs, override)
+        override.cache.clear()  # a layer's packed weight serves its own block only
     for name, (sig, noise) in stats.items():
         plan.layers[name].sqnr_db = sqnr_db(sig, noise)
 

@@ -13,6 +13,7 @@ behaves as two copies of the batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -22,13 +23,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.fx import _pytree as fx_pytree
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._sympy.numbers import int_oo
 
+from clq_compile.checkpoint import Checkpoint, attach, stand_ins
 from clq_compile.digest import content_key
-from clq_compile.errors import CaptureError
+from clq_compile.errors import CaptureError, QuantizationError
+from clq_compile.passes.find_linears import fetch_attr, set_attr
 from clq_compile.signature import (
     RETURN_DICT,
     CallSpec,
@@ -179,15 +183,37 @@ def _bound(x: Any) -> int | None:
 
 
 def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
-            dynamic_shapes: Any = None, like: Captured | None = None) -> Captured:
+            dynamic_shapes: Any = None, like: Captured | None = None,
+            checkpoint: Checkpoint | None = None) -> Captured:
     """Export ``model(**call)`` (a call bound by :func:`clq_compile.signature.bind`).
     ``like``: a graph of the same model already captured; its output class is reused, so
-    a call at other (possibly large) sizes never runs the model for real."""
+    a call at other (possibly large) sizes never runs the model for real. ``checkpoint``:
+    where the model's meta-device tensors are read from (the graph keeps them on meta)."""
+    with stand_ins(model) as lazy:
+        if lazy and checkpoint is None:
+            name = next(iter(lazy))
+            raise QuantizationError(f"{type(model).__name__}.{name} is on the meta device: "
+                                    "pass checkpoint=... to read the weights from it")
+        ep, spec, example, dynamic_shapes = _export(model, params, call, dynamic_shapes,
+                                                    like, fake=bool(lazy))
+    gm = ep.module()
+    if lazy:
+        attach(gm, lazy, checkpoint)
+    gm.meta["clq_dynamic_shapes"] = dynamic_shapes
+    return Captured(gm, spec, example, dynamic_shapes)
+
+
+def _export(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
+            dynamic_shapes: Any, like: Captured | None, fake: bool):
+    """``fake``: the weights are stand-ins; the output class is read under fake tensors
+    (no arithmetic), and the doubled-batch check runs on the stand-ins, which still shows
+    whether rows of a batch are mixed."""
     call = dict(call)
     out_spec = None if like is None else like.call_spec.output
     if RETURN_DICT in call:
         if like is None:
-            with torch.no_grad():
+            with torch.no_grad(), (FakeTensorMode(allow_non_fake_inputs=True) if fake
+                                   else contextlib.nullcontext()):
                 out_spec = output_spec(model(**{**call, RETURN_DICT: True}))
         call[RETURN_DICT] = False
     example = call
@@ -205,9 +231,7 @@ def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
     ep = export_program(model, example, dynamic_shapes)
     spec = call_spec_of(ep, params, example)
     spec.output = out_spec
-    gm = ep.module()
-    gm.meta["clq_dynamic_shapes"] = dynamic_shapes
-    return Captured(gm, spec, example, dynamic_shapes)
+    return ep, spec, example, dynamic_shapes
 
 
 def grown_call(captured: Captured) -> dict[str, Any] | None:
@@ -236,11 +260,6 @@ def grown_call(captured: Captured) -> dict[str, Any] | None:
     return pytree.tree_unflatten(out, tree)
 
 
-def _attr_owner(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
-    owner_name, _, leaf = target.rpartition(".")
-    return (gm.get_submodule(owner_name) if owner_name else gm), leaf
-
-
 def share_tensors(gm: fx.GraphModule, source: fx.GraphModule) -> None:
     """Point ``gm``'s tensors at ``source``'s where both graphs hold the same tensor under
     the same name (graphs of one model at other sizes): one copy in memory."""
@@ -254,18 +273,12 @@ def share_tensors(gm: fx.GraphModule, source: fx.GraphModule) -> None:
                 theirs = source.get_buffer(node.target)
             except AttributeError:
                 continue
-        owner, leaf = _attr_owner(gm, node.target)
-        mine = getattr(owner, leaf)
+        mine = fetch_attr(gm, node.target, load=False)
         same_kind = isinstance(mine, torch.nn.Parameter) == isinstance(theirs, torch.nn.Parameter)
         if isinstance(mine, torch.Tensor) and mine is not theirs and same_kind and \
                 mine.shape == theirs.shape and mine.dtype == theirs.dtype and \
                 torch.equal(mine, theirs):
-            if isinstance(mine, torch.nn.Parameter):
-                setattr(owner, leaf, theirs)
-            elif leaf in owner._buffers:
-                owner._buffers[leaf] = theirs
-            else:
-                setattr(owner, leaf, theirs)
+            set_attr(gm, node.target, theirs)
 
 
 def own_tensors(gm: fx.GraphModule) -> None:
@@ -278,15 +291,8 @@ def own_tensors(gm: fx.GraphModule) -> None:
         if node.op != "get_attr" or node.target in done:
             continue
         done.add(node.target)
-        owner, leaf = _attr_owner(gm, node.target)
-        t = getattr(owner, leaf)
-        if not isinstance(t, torch.Tensor):
+        t = fetch_attr(gm, node.target, load=False)
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         key = (*content_key(t), t.device.type)
-        copy = copies.setdefault(key, t.detach().clone())
-        if isinstance(t, torch.nn.Parameter):
-            setattr(owner, leaf, torch.nn.Parameter(copy, requires_grad=False))
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = copy
-        else:
-            setattr(owner, leaf, copy)
+        set_attr(gm, node.target, copies.setdefault(key, t.detach().clone()))

@@ -107,13 +107,12 @@ def calibrate_blockwise(
     runner = ctx.runner
     fp = runner.start(ctx.flat_calib)
     cal = fp if prefix == "none" else runner.start(ctx.flat_calib)
-    cache: dict = {}
     segments = runner.order
     for seg in tqdm(segments, desc=desc, leave=False, disable=len(segments) < 4):
         stats, layers = _collect(ctx, plan, seg, cal, keep_tokens, hessians)
         if layers:
             decide(BlockData(seg, cal, stats, layers))
-        quantized = PlanOverride(ctx, plan, cache=cache)
+        quantized = PlanOverride(ctx, plan)  # packed weights of this block only
         if prefix == "all":
             runner.run_segment(seg, cal, quantized)
         elif prefix == "last":

@@ -65,7 +65,8 @@ def block_references(ctx: PlanContext, seg: int, layers: Sequence[str],
     every layer of their chains (``fp_refs``), and the block's own float values per call
     (``reuse``, so a probe recomputes only what depends on the probed layer)."""
     watch = {n for name in layers for n in candidates(ctx, name)}
-    return ctx.runner.probe(envs, seg, watch), ctx.runner.run_segment(seg, envs, commit=False)
+    fp_refs = ctx.runner.probe(envs, seg, watch)
+    return fp_refs, ctx.runner.run_segment(seg, envs, commit=False, keep=True)
 
 
 def probe_layer(

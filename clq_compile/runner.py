@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from clq_compile.annotations import annotated_linears, linear_info
+from clq_compile.annotations import CHECKPOINT_KEY, annotated_linears, linear_info
 from clq_compile.errors import CalibrationError
 from clq_compile.passes.blocks import SEGMENT_KEY
 from clq_compile.passes.find_linears import fetch_attr, weight_tensor
@@ -39,8 +39,8 @@ class GraphRunner:
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
         self.output = next(n for n in nodes if n.op == "output")
         self.segments: dict[int, list[fx.Node]] = {}
-        for n in nodes:
-            if n.op not in ("placeholder", "output"):
+        for n in nodes:  # weights are read where used, so a block's are held while it runs
+            if n.op not in ("placeholder", "output", "get_attr"):
                 self.segments.setdefault(n.meta.get(SEGMENT_KEY, -1), []).append(n)
         self.order = sorted(self.segments)
         # The last segment in which each value is read; the output keeps its inputs alive.
@@ -57,9 +57,7 @@ class GraphRunner:
         """Bytes of the distinct tensors (by storage) the environments hold."""
         seen: dict[int, int] = {}
         for env in envs:
-            for n, v in env.items():
-                if n.op == "get_attr":  # weights are not calibration activations
-                    continue
+            for v in env.values():
                 for t in pytree.tree_leaves(v):
                     if isinstance(t, torch.Tensor) and t.device.type != "meta":
                         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -76,15 +74,18 @@ class GraphRunner:
         return envs
 
     def _attr(self, target: str) -> Any:
+        if CHECKPOINT_KEY in self.gm.meta:  # read from a checkpoint: its own cache bounds it
+            return fetch_attr(self.gm, target)
         if target not in self._attrs:
             self._attrs[target] = fetch_attr(self.gm, target)
         return self._attrs[target]
 
+    def _value(self, n: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        return self._attr(n.target) if n.op == "get_attr" else env[n]
+
     def _eval(self, node: fx.Node, env: dict[fx.Node, Any], i: int, override: Override | None):
-        if node.op == "get_attr":
-            return self._attr(node.target)
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        args = fx.node.map_arg(node.args, lambda n: self._value(n, env))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, env))
         if override is not None:
             out = override(node, args, kwargs, i)
             if out is not NotImplemented:
@@ -104,19 +105,23 @@ class GraphRunner:
         envs: list[dict[fx.Node, Any]],
         override: Override | None = None,
         commit: bool = True,
+        keep: bool = False,
     ) -> list[dict[fx.Node, Any]]:
         """Run segment ``seg`` for every sample. With ``commit`` the environments advance
         (and values dead after this segment are freed); without, they are left as they
-        were and the segment's values are returned for inspection."""
+        were. ``keep``: return every value the segment computed, per sample (they stay
+        alive for the caller; otherwise each sample's are freed before the next runs)."""
         produced = []
         for i, env in enumerate(envs):
             local = dict(env) if not commit else env
             new = {}
             for node in self.segments.get(seg, []):
                 local[node] = new[node] = self._eval(node, local, i, override)
-            produced.append(new)
+            if keep:
+                produced.append(new)
             if i == len(envs) - 1 or not commit:
-                self.peak_bytes = max(self.peak_bytes, self.held_bytes([*envs, local]))
+                self.peak_bytes = max(self.peak_bytes,
+                                      self.held_bytes([*envs, local, *produced]))
             if commit:
                 for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
                     del env[n]
@@ -134,34 +139,38 @@ class GraphRunner:
     ) -> dict[fx.Node, list[Any]]:
         """Run from segment ``start`` on copies of ``envs`` until every watched node has
         been computed; return their values per sample. ``envs`` are left untouched.
+        Segments are the outer loop, so each block's weights are needed once per probe,
+        not once per sample (they may be read from a checkpoint).
 
         ``reuse``/``dirty``: float values of segment ``start`` per sample, and the nodes
         that must be recomputed anyway (those downstream of the probed layer); every other
         node of that segment is taken from ``reuse`` instead of being evaluated again.
         """
-        seen: dict[fx.Node, list[Any]] = {n: [] for n in watch}
-        segs = self.order[self.order.index(start):]
-        for i, env0 in enumerate(envs):
-            env, left = dict(env0), set(watch)
-            for seg in segs:
-                for node in self.segments.get(seg, []):
+        seen: dict[fx.Node, dict[int, Any]] = {n: {} for n in watch}
+        work = [dict(e) for e in envs]
+        left = [set(watch) for _ in envs]
+        for seg in self.order[self.order.index(start):]:
+            for i, env in enumerate(work):
+                for node in self.segments.get(seg, []) if left[i] else ():
                     if reuse is not None and seg == start and node not in dirty:
                         env[node] = reuse[i][node]
                     else:
                         env[node] = self._eval(node, env, i, override)
-                    if node in left:
-                        seen[node].append(env[node])
-                        left.discard(node)
-                        if not left:
+                    if node in left[i]:
+                        seen[node][i] = env[node]
+                        left[i].discard(node)
+                        if not left[i]:
+                            env.clear()
                             break
-                if not left:
-                    break
                 for n in [n for n in env if self.last_use.get(n, -2) <= seg]:
                     del env[n]
-        return seen
+            if not any(left):
+                break
+        return {n: [v[i] for i in sorted(v)] for n, v in seen.items()}
 
     def outputs(self, envs: list[dict[fx.Node, Any]]) -> list[Any]:
-        return [fx.node.map_arg(self.output.args[0], env.__getitem__) for env in envs]
+        return [fx.node.map_arg(self.output.args[0], lambda n, env=env: self._value(n, env))
+                for env in envs]
 
 
 @dataclass

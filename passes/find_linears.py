@@ -7,20 +7,40 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from clq_compile.annotations import META_KEY, LinearInfo
+from clq_compile.annotations import CHECKPOINT_KEY, META_KEY, LinearInfo
 from clq_compile.passes.blocks import BLOCK_KEY
 from clq_compile.passes.graph_utils import is_linear, module_path, val
 from clq_compile.passes.infra import GraphPass, PassResult
 
 
-def fetch_attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
+def fetch_attr(gm: fx.GraphModule, target: str, load: bool = True) -> torch.Tensor:
+    """The tensor a get_attr reads. A meta tensor of a graph planned from a checkpoint is
+    read from it (``load``; without, the meta tensor: shape and dtype only)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
+    if load and isinstance(obj, torch.Tensor) and obj.device.type == "meta":
+        ckpt = gm.meta.get(CHECKPOINT_KEY)
+        if ckpt is not None:
+            return ckpt.get(target, like=obj)
     return obj
 
 
-def weight_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Replace the tensor at ``target`` (a parameter stays a parameter)."""
+    owner_name, _, leaf = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if leaf in owner._parameters:
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=False)
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+def weight_tensor(gm: fx.GraphModule, node: fx.Node, load: bool = True) -> torch.Tensor | None:
     """The real weight of a linear: a get_attr constant (export) or the value the
     torch.compile backend attached to a placeholder; None when it only exists at run
     time (a forward input, or computed in the graph)."""
@@ -28,7 +48,7 @@ def weight_tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     if not isinstance(w, fx.Node):
         return None
     if w.op == "get_attr":
-        return fetch_attr(gm, w.target)
+        return fetch_attr(gm, w.target, load)
     if "clq_value" in w.meta:  # a real tensor the torch.compile backend attached
         return w.meta["clq_value"]
     return None
@@ -64,7 +84,7 @@ class FindLinears(GraphPass):
         for node in gm.graph.nodes:
             if not is_linear(node):
                 continue
-            w = weight_tensor(gm, node)
+            w = weight_tensor(gm, node, load=False)
             shape = val(node.args[1]) if w is None and isinstance(node.args[1], fx.Node) else w
             if not isinstance(shape, torch.Tensor) or shape.dim() != 2:
                 continue

@@ -158,7 +158,7 @@ class RewriteLinears(GraphPass):
                 new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
                 new.meta[LAYERS_KEY] = [lp.name]
                 if branch is not None:  # quant_linear(x) + (x·downᵀ)·upᵀ, as quantized_linear
-                    dtype = {"dtype": weight_tensor(gm, node).dtype}
+                    dtype = {"dtype": weight_tensor(gm, node, load=False).dtype}
                     up, down = (graph.call_function(TO_COPY, (t,), dtype) for t in branch)
                     low = graph.call_function(LINEAR, (graph.call_function(LINEAR, (x, down)), up))
                     new = graph.call_function(ADD, (new, low))

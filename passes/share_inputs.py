@@ -20,7 +20,6 @@ q, k and v each transform and quantize the same tensor. Two passes remove the re
 
 from __future__ import annotations
 
-import functools
 import logging
 import operator
 
@@ -28,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from clq_compile.annotations import LAYERS_KEY, layer_names
+from clq_compile.passes.find_linears import fetch_attr
 from clq_compile.passes.graph_utils import gelu_kind, is_inert_dropout
 from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.passes.rewrite import (
@@ -58,15 +58,11 @@ def _finish(gm: fx.GraphModule, modified: bool) -> PassResult:
     return PassResult(gm, modified)
 
 
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    return functools.reduce(getattr, target.split("."), gm)
-
-
 def _cat(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> fx.Node:
     """One node holding ``nodes`` concatenated along dim 0: a constant when they all are
     (the packed weights), else a ``cat`` run per call (weights packed at call time)."""
     if all(n.op == "get_attr" for n in nodes):
-        return _const(gm, name, torch.cat([_attr(gm, n.target) for n in nodes]))
+        return _const(gm, name, torch.cat([fetch_attr(gm, n.target) for n in nodes]))
     return gm.graph.call_function(aten.cat.default, (nodes, 0))
 
 

@@ -54,12 +54,12 @@ def quantized(checkpoint, tmp_path_factory):
     return out
 
 
-def test_quantize_saves_a_loadable_model(quantized, capsys):
+def test_quantize_saves_a_loadable_model(quantized, checkpoint, capsys):
     import clq_compile as clq
 
     qm = clq.load(quantized)
     assert qm.plan.recipe == "clq" and qm.plan.spec.name == "w4a4"
-    assert qm.source["checkpoint"].endswith("ckpt0")
+    assert qm.source["checkpoint"] == str(checkpoint)
 
 
 def test_inspect(quantized, capsys):

@@ -1,0 +1,129 @@
+"""LRQ-DiT's twin-log weight quantizer (arXiv 2508.03485, TLQ), the reference math: per
+output row, the positive and the negative weights each on their own log2 grid, the sign
+as the code's top bit.
+
+For one half of a row: ``u = log2(|w| + η)``, levels uniform in u between the half's
+minimum and its ``pct`` quantile, a weight decoded as ``2^û − η``. η and the two
+percentiles are grid-searched per row on the weight's squared error (the paper's grids).
+
+Readings chosen where the paper and its code disagree or are loose (methods.md §3):
+- each half has 2^(b−1) levels, so sign + level index is exactly b bits (the released
+  code clamps negatives to one level more, which b bits cannot store);
+- the levels span [min, quantile] (step = range / (levels − 1)), so the top level is the
+  clip point rather than one step below it;
+- zeros belong to the positive half and do not enter its range.
+A row decodes through a table of its 2^b values, which is how a lowering runs it (an
+ONNX ``Gather``, a kernel's lookup).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clq_compile.errors import QuantizationError
+
+ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999)
+
+
+@dataclass(frozen=True)
+class TwinLog:
+    """Codes (N, K) uint8 in [0, 2^bits) (top bit: negative) and the per-row table
+    (N, 2^bits) of the values they decode to; the chosen η and percentiles per row."""
+
+    codes: torch.Tensor
+    table: torch.Tensor
+    eta: torch.Tensor
+    pct_pos: torch.Tensor
+    pct_neg: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        return self.table.gather(1, self.codes.long())
+
+
+@dataclass
+class _Half:
+    """One sign half of every row under one choice: error, levels, indices, η, pct."""
+
+    err: torch.Tensor  # (N,)
+    levels: torch.Tensor  # (N, n)
+    idx: torch.Tensor  # (N, K)
+    eta: torch.Tensor  # (N,)
+    pct: torch.Tensor  # (N,)
+
+    def keep_better(self, other: _Half, better: torch.Tensor) -> None:
+        """Rows where ``better``: take ``other``'s choice."""
+        for name in ("err", "levels", "idx", "eta", "pct"):
+            mine = getattr(self, name)
+            mask = better.reshape(-1, *[1] * (mine.dim() - 1))
+            setattr(self, name, torch.where(mask, getattr(other, name), mine))
+
+
+def _levels(mag: torch.Tensor, eta: float, pct: float, n: int) -> torch.Tensor:
+    """(rows, n) ascending level values of one half; ``mag`` holds NaN outside it."""
+    u = torch.log2(mag + eta)
+    u = torch.where(torch.isfinite(u), u, torch.nan)  # log2(0) with η = 0
+    lo = torch.nan_to_num(u, nan=torch.inf).amin(dim=1)
+    hi = torch.nanquantile(u, pct, dim=1)
+    empty = ~torch.isfinite(lo)  # a row without weights in this half
+    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
+    step = (hi - lo).clamp(min=0.0) / (n - 1)
+    idx = torch.arange(n, dtype=mag.dtype)
+    return torch.exp2(lo[:, None] + idx * step[:, None]) - eta
+
+
+def _nearest(mag: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the level nearest in value to each magnitude (the error the search
+    minimizes; rounding in the log domain would pick a farther level for some)."""
+    hi = torch.searchsorted(levels.contiguous(), mag.contiguous()).clamp(1, levels.shape[1] - 1)
+    lo = hi - 1
+    closer_lo = (mag - levels.gather(1, lo)).abs() <= (levels.gather(1, hi) - mag).abs()
+    return torch.where(closer_lo, lo, hi)
+
+
+def _half(mag: torch.Tensor, n: int, eta: float, percentiles) -> _Half:
+    """The best percentile per row at this η, for one half (NaN outside it)."""
+    valid = ~torch.isnan(mag)
+    filled = torch.nan_to_num(mag, nan=0.0)
+    best = None
+    for pct in percentiles:
+        levels = _levels(mag, eta, pct, n)
+        idx = _nearest(filled, levels)
+        err = ((levels.gather(1, idx) - filled) ** 2 * valid).sum(dim=1)
+        cand = _Half(err, levels, idx, torch.full_like(err, eta), torch.full_like(err, pct))
+        if best is None:
+            best = cand
+        else:
+            best.keep_better(cand, cand.err < best.err)
+    return best
+
+
+def twinlog_quantize(w: torch.Tensor, bits: int, etas=ETAS, percentiles=PERCENTILES
+                     ) -> TwinLog:
+    """(N, K) float weight → :class:`TwinLog` with the grid's best η and percentiles per
+    row (ties: the first in grid order). η is shared by both halves of a row (the
+    paper's search); the percentiles are chosen per half (the halves' errors add up)."""
+    if w.dim() != 2 or not 2 <= bits <= 8:
+        raise QuantizationError(f"twin-log takes a 2-D weight and 2-8 bits, got "
+                                f"{tuple(w.shape)} at {bits} bits")
+    if not torch.isfinite(w).all():
+        raise QuantizationError("cannot quantize a weight holding NaN or Inf values")
+    w = w.detach().double()
+    n = 1 << (bits - 1)
+    neg = w < 0
+    pos_mag, neg_mag = torch.where(neg, torch.nan, w), torch.where(neg, -w, torch.nan)
+    pos = neg_half = None
+    for eta in etas:
+        p, q = _half(pos_mag, n, eta, percentiles), _half(neg_mag, n, eta, percentiles)
+        if pos is None:
+            pos, neg_half = p, q
+            continue
+        better = p.err + q.err < pos.err + neg_half.err
+        pos.keep_better(p, better)
+        neg_half.keep_better(q, better)
+    codes = torch.where(neg, neg_half.idx + n, pos.idx).to(torch.uint8)
+    table = torch.cat([pos.levels, -neg_half.levels], dim=1).float()
+    return TwinLog(codes, table, pos.eta.float(), pos.pct.float(), neg_half.pct.float(), bits)
