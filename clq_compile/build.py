@@ -65,12 +65,11 @@ def measure_layers(ctx: PlanContext, plan: Plan) -> None:
     record each layer's output SQNR against its fp output on the same (quantized-prefix)
     input."""
     stats: dict[str, list[float]] = {}
-    override = PlanOverride(ctx, plan, measure=stats)
     envs = ctx.runner.start(ctx.flat_calib)
     segments = ctx.runner.order
     for seg in tqdm(segments, desc="measure", leave=False, disable=len(segments) < 8):
-        ctx.runner.run_segment(seg, envs, override)
-        override.cache.clear()  # a layer's packed weight serves its own block only
+        # one override per block, as CBC's: its packed weights serve that block only
+        ctx.runner.run_segment(seg, envs, PlanOverride(ctx, plan, measure=stats))
     for name, (sig, noise) in stats.items():
         plan.layers[name].sqnr_db = sqnr_db(sig, noise)
 

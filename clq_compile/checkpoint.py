@@ -116,8 +116,9 @@ class Checkpoint:
     def __deepcopy__(self, memo: dict) -> Checkpoint:  # a graph copy reads the same files
         return self
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor stored under ``key``, freshly read (not kept)."""
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor stored under ``key``, freshly read (not kept), in ``dtype`` when
+        given (cast as ``load_state_dict`` would copy it)."""
         e = self.entries[key]
         t = torch.empty(e.shape, dtype=e.dtype)
         if e.nbytes:
@@ -127,15 +128,15 @@ class Checkpoint:
                     raise QuantizationError(f"checkpoint {e.path}: tensor {key!r} is cut short")
         self.reads += 1
         self.read_bytes += e.nbytes
-        return t
+        return t if dtype is None else t.to(dtype)
 
     def get(self, key: str, like: torch.Tensor) -> torch.Tensor:
-        """``key``'s values in ``like``'s dtype (as ``load_state_dict`` would copy them)."""
+        """``key``'s values in ``like``'s dtype, kept for later calls."""
         t = self._kept.get(key)
         if t is not None:
             self._kept.move_to_end(key)
             return t
-        t = self.read(key).to(like.dtype)
+        t = self.read(key, like.dtype)
         nbytes = t.numel() * t.element_size()
         self._kept[key] = t
         self._kept_bytes += nbytes
@@ -256,7 +257,7 @@ def materialize(gm: fx.GraphModule) -> None:
         return
     for name, t in gm.state_dict(keep_vars=True).items():
         if t.device.type == "meta":
-            set_attr(gm, name, ckpt.read(name).to(t.dtype))
+            set_attr(gm, name, ckpt.read(name, t.dtype))
     ckpt.clear()
     log.info("checkpoint reads: %s", ckpt.stats())
 
