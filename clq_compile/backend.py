@@ -115,7 +115,7 @@ def clq_backend(
         raise ConfigError(
             f"option {what} is solved from the weights once; the clq backend re-packs "
             "whatever weight arrives at call time, so it only rounds to nearest without a "
-            "low-rank branch: use clq.quantize(...) for weights='gptq' and lowrank")
+            f"low-rank branch: use clq.quantize(...) for {what}")
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):

@@ -59,7 +59,9 @@ def promote(ctx: PlanContext, plan: Plan, budget: float, to: QuantSpec | None) -
         if to is None:
             lp.spec, lp.skip_reason, lp.rank = None, f"kept in full precision ({why})", 0
         else:
-            lp.spec = to.with_groups(lp.spec.w_group, lp.spec.a_group if to.a_bits < 16 else 0)
+            # an LZS group is the coding's, not a quantization group the user asked for
+            keep = to.a_bits < 16 and to.a_format == lp.spec.a_format
+            lp.spec = to.with_groups(lp.spec.w_group, lp.spec.a_group if keep else 0)
             lp.w_clip = lp.a_clip = 1.0  # the recipe's clips were chosen for the lower bits
             lp.notes.append(f"promoted to {to.name} ({why})")
         promoted.append(lp.name)

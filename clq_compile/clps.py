@@ -175,8 +175,10 @@ def search_layer(
     den = _energy(ref)  # the same for every trial
     base = _call_errors(ref, outs[target])
     order = sorted(range(len(envs)), key=lambda i: -base[i])
-    a_values = tuple(a_grid) if plan.layers[name].spec.a_bits < 16 else (1.0,)
-    grid = [(w, a) for w in w_grid for a in a_values]
+    spec = plan.layers[name].spec
+    a_values = tuple(a_grid) if spec.a_bits < 16 else (1.0,)
+    w_values = tuple(w_grid) if spec.w_format == "int" else (1.0,)  # twin-log: own ranges
+    grid = [(w, a) for w in w_values for a in a_values]
     trials = [k for k, c in enumerate(grid) if c != (1.0, 1.0)]
     if search == "exact" and reuse is not None and len(trials) > 1:
         local = _local_errors(ctx, plan, name, seg, envs, [grid[k] for k in trials], cache,

@@ -17,8 +17,10 @@ def _fmt(x: float | None, nd: int = 2) -> str:
 
 def _gran(lp: LayerPlan) -> str:
     s = lp.spec
-    w = f"g{s.w_group}" if s.w_group else "ch"
+    w = s.w_format if s.w_format != "int" else (f"g{s.w_group}" if s.w_group else "ch")
     a = "-" if s.a_bits == 16 else (f"g{s.a_group}" if s.a_group else "tok")
+    if s.a_format != "int":
+        a = f"{s.a_format}{s.a_group}"
     return f"W:{w} A:{a}"
 
 

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from clq_compile.hadamard import block_hadamard
+from clq_compile.lzs import lzs_fake_quantize
 from clq_compile.quant import dequantize, fake_quantize, unpack_int4
+from clq_compile.spec import A_FORMATS, W_FORMATS
+from clq_compile.twinlog import twinlog_values
 
 # Elementwise ops a quant_linear may apply to x first (the op that produced its input,
 # fused into the quantizer): name -> F.gelu's ``approximate``.
@@ -81,14 +84,25 @@ def quant_linear_reference(
     smooth: Tensor | None = None,
     rot: Tensor | None = None,
     prologue: str | None = None,
+    a_format: str = "int",
+    w_format: str = "int",
 ) -> Tensor:
     x = apply_prologue(x, prologue)
     if perm is not None or smooth is not None or rot is not None:
         x = transform_reference(x, perm, smooth, rot)
     k = x.shape[-1]
-    w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
+    if w_format == "twinlog":
+        w = twinlog_values(w_q, w_scale)
+    elif w_format != "int":
+        raise ValueError(f"w_format {w_format!r} not in {W_FORMATS}")
+    else:
+        w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
     xf = x.float()
-    if a_bits < 16:
+    if a_format == "lzs":
+        xf = lzs_fake_quantize(xf, a_group, a_clip)
+    elif a_format != "int":
+        raise ValueError(f"a_format {a_format!r} not in {A_FORMATS}")
+    elif a_bits < 16:
         xf = fake_quantize(xf, a_bits, a_group, a_clip)
     y = xf @ w.t()
     if bias is not None:
@@ -110,6 +124,8 @@ def quant_linear(
     smooth: Tensor | None = None,
     rot: Tensor | None = None,
     prologue: str | None = None,
+    a_format: str = "int",
+    w_format: str = "int",
 ) -> Tensor:
     """y = Q_a(T(P(x))) · Q_w(W)ᵀ + b with a dynamically quantized activation.
 
@@ -123,9 +139,13 @@ def quant_linear(
     with one consumer runs inside the activation quantizer (one kernel, one read of x).
     ``prologue``: an elementwise op (``PROLOGUES``) applied to x first, in x's dtype: the
     GELU that produced the input of an MLP's down-projection, fused into its quantizer.
+    ``a_format`` "lzs": the activation is coded by QuaRTZ's leading-zero suppression
+    (``clq_compile.lzs``, ``a_bits`` 4, ``a_group`` its group) instead of as integers.
+    ``w_format`` "twinlog": ``w_q`` holds LRQ-DiT twin-log codes (less 8, packed int4)
+    and ``w_scale`` each row's table of 16 values (``clq_compile.twinlog``).
     """
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  perm, smooth, rot, prologue)
+                                  perm, smooth, rot, prologue, a_format, w_format)
 
 
 @quant_linear.register_fake
@@ -142,5 +162,7 @@ def _(
     smooth: Tensor | None = None,
     rot: Tensor | None = None,
     prologue: str | None = None,
+    a_format: str = "int",
+    w_format: str = "int",
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

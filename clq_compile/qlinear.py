@@ -13,6 +13,7 @@ from clq_compile.lowrank import lowrank_reference, lowrank_split, storage_dtype
 from clq_compile.ops import transform_reference
 from clq_compile.plan import LayerPlan, PackedWeight, Plan, TransformPlan
 from clq_compile.quant import quantize_weight
+from clq_compile.twinlog import twinlog_weight
 
 __all__ = ["PackedWeight", "apply_transform", "fold_weight", "pack_weight", "planned_weight",
            "quantized_linear", "split_weight", "sqnr", "sqnr_db"]
@@ -45,8 +46,12 @@ def split_weight(
 def pack_weight(
     w: torch.Tensor, lp: LayerPlan, tp: TransformPlan | None, w_clip: float | None = None
 ) -> PackedWeight:
+    """``w`` folded, split and quantized as ``lp.spec`` says (twin-log weights choose
+    their own ranges, so ``w_clip`` does not apply to them)."""
     spec = lp.spec
     residual, up, down = split_weight(w, lp, tp)
+    if spec.w_format == "twinlog":
+        return PackedWeight(*twinlog_weight(residual), up, down)
     w_q, w_scale = quantize_weight(
         residual, spec.w_bits, spec.w_group, lp.w_clip if w_clip is None else w_clip
     )
@@ -82,7 +87,7 @@ def quantized_linear(
     spec = lp.spec
     out = torch.ops.clq.quant_linear(
         x, packed.w_q, packed.w_scale, bias, spec.w_bits, spec.a_bits, spec.a_group,
-        float(lp.a_clip if a_clip is None else a_clip),
+        float(lp.a_clip if a_clip is None else a_clip), **spec.op_kwargs,
     )
     if packed.up is not None:
         out = out + lowrank_reference(x, packed.up, packed.down)

@@ -43,6 +43,19 @@ OUTLIER_SITES: dict[str, list[str]] = {
 }
 
 
+def lzs_threshold_row(k: int, group: int, clip: float = 1.0, seed: int = 5) -> torch.Tensor:
+    """One token for LZS tests whose int8 codes (scale 1 under ``clip``) peak, per group
+    from the second, exactly at a FLAG threshold (8, 16, 32, 64) among odd codes: where
+    a threshold is read as ``>`` instead of ``>=``, those groups keep a low bit they
+    must lose."""
+    g = _seeded(seed)
+    codes = torch.randint(0, 4, (k // group, group), generator=g) * 2 + 1.0
+    codes[1:, 0] = torch.tensor([8.0, 16.0, 32.0, 64.0]).repeat(k // group)[: k // group - 1]
+    codes = codes.reshape(k) * torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    codes[0] = 127.0 / clip  # the absmax, in group 0: clip · absmax / 127 = 1
+    return codes
+
+
 def _seeded(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)

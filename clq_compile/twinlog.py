@@ -18,14 +18,18 @@ ONNX ``Gather``, a kernel's lookup).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from clq_compile.digest import content_key
 from clq_compile.errors import QuantizationError
+from clq_compile.quant import pack_int4, unpack_int4
 
 ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999)
+OP_BITS = 4  # what clq.quant_linear's w_format "twinlog" stores
 
 
 @dataclass(frozen=True)
@@ -62,16 +66,42 @@ class _Half:
             setattr(self, name, torch.where(mask, getattr(other, name), mine))
 
 
-def _levels(mag: torch.Tensor, eta: float, pct: float, n: int) -> torch.Tensor:
-    """(rows, n) ascending level values of one half; ``mag`` holds NaN outside it."""
-    u = torch.log2(mag + eta)
-    u = torch.where(torch.isfinite(u), u, torch.nan)  # log2(0) with η = 0
-    lo = torch.nan_to_num(u, nan=torch.inf).amin(dim=1)
-    hi = torch.nanquantile(u, pct, dim=1)
-    empty = ~torch.isfinite(lo)  # a row without weights in this half
+@dataclass(frozen=True)
+class _Sorted:
+    """One half's magnitudes sorted per row (NaN outside the half, last), sorted once:
+    log2(· + η) keeps the order, so every η's minimum and quantiles read from it."""
+
+    values: torch.Tensor  # (N, K)
+    count: torch.Tensor  # (N,) magnitudes in the half
+    zeros: torch.Tensor  # (N,) of them zero (leave the range when η = 0: log2(0))
+
+    @classmethod
+    def of(cls, mag: torch.Tensor) -> _Sorted:
+        return cls(torch.sort(mag, dim=1).values, (~torch.isnan(mag)).sum(dim=1),
+                   (mag == 0).sum(dim=1))
+
+
+def _levels(half: _Sorted, eta: float, pct: float, n: int) -> torch.Tensor:
+    """(rows, n) ascending level values of one half: the range is [min, pct quantile] of
+    u = log2(mag + η) over the finite u, the quantile interpolated linearly as
+    ``torch.nanquantile`` does."""
+    start = half.zeros if eta == 0.0 else torch.zeros_like(half.zeros)
+    count = half.count - start
+    empty = count <= 0  # a row without (finite) weights in this half
+    last = half.values.shape[1] - 1
+    pos = pct * (count - 1).clamp(min=0).to(half.values.dtype)
+    below = pos.floor()
+    i0 = (start + below.long()).clamp(0, last)
+    i1 = (start + torch.minimum(below.long() + 1, (count - 1).clamp(min=0))).clamp(0, last)
+
+    def u_at(i: torch.Tensor) -> torch.Tensor:
+        return torch.log2(half.values.gather(1, i[:, None])[:, 0] + eta)
+
+    lo = u_at(start.clamp(0, last))
+    hi = torch.lerp(u_at(i0), u_at(i1), pos - below)
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     step = (hi - lo).clamp(min=0.0) / (n - 1)
-    idx = torch.arange(n, dtype=mag.dtype)
+    idx = torch.arange(n, dtype=half.values.dtype)
     return torch.exp2(lo[:, None] + idx * step[:, None]) - eta
 
 
@@ -84,13 +114,13 @@ def _nearest(mag: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.where(closer_lo, lo, hi)
 
 
-def _half(mag: torch.Tensor, n: int, eta: float, percentiles) -> _Half:
+def _half(mag: torch.Tensor, srt: _Sorted, n: int, eta: float, percentiles) -> _Half:
     """The best percentile per row at this η, for one half (NaN outside it)."""
     valid = ~torch.isnan(mag)
     filled = torch.nan_to_num(mag, nan=0.0)
     best = None
     for pct in percentiles:
-        levels = _levels(mag, eta, pct, n)
+        levels = _levels(srt, eta, pct, n)
         idx = _nearest(filled, levels)
         err = ((levels.gather(1, idx) - filled) ** 2 * valid).sum(dim=1)
         cand = _Half(err, levels, idx, torch.full_like(err, eta), torch.full_like(err, pct))
@@ -115,9 +145,11 @@ def twinlog_quantize(w: torch.Tensor, bits: int, etas=ETAS, percentiles=PERCENTI
     n = 1 << (bits - 1)
     neg = w < 0
     pos_mag, neg_mag = torch.where(neg, torch.nan, w), torch.where(neg, -w, torch.nan)
+    pos_srt, neg_srt = _Sorted.of(pos_mag), _Sorted.of(neg_mag)
     pos = neg_half = None
     for eta in etas:
-        p, q = _half(pos_mag, n, eta, percentiles), _half(neg_mag, n, eta, percentiles)
+        p = _half(pos_mag, pos_srt, n, eta, percentiles)
+        q = _half(neg_mag, neg_srt, n, eta, percentiles)
         if pos is None:
             pos, neg_half = p, q
             continue
@@ -127,3 +159,38 @@ def twinlog_quantize(w: torch.Tensor, bits: int, etas=ETAS, percentiles=PERCENTI
     codes = torch.where(neg, neg_half.idx + n, pos.idx).to(torch.uint8)
     table = torch.cat([pos.levels, -neg_half.levels], dim=1).float()
     return TwinLog(codes, table, pos.eta.float(), pos.pct.float(), neg_half.pct.float(), bits)
+
+
+_MEMO: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_MEMO_SIZE = 64  # layers; codes + table are an eighth of a float32 weight's bytes
+
+
+def twinlog_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight → the layout ``clq.quant_linear`` takes with ``w_format``
+    "twinlog": the 4-bit codes less 8, packed as int4 (N, K/2) like integer weights,
+    and the per-row table (N, 16) float32 in the place of the scales.
+
+    The search is the costly part of planning with twin-log weights, and calibration
+    packs the same weight several times (CBC, CLPS probes, the rewrite), so results are
+    memoized by the weight's content (a pure function: equal bytes, equal result)."""
+    key = (*content_key(w), str(w.device))
+    if key in _MEMO:
+        _MEMO.move_to_end(key)
+        w_q, table = _MEMO[key]
+        return w_q.clone(), table.clone()
+    tl = twinlog_quantize(w, OP_BITS)
+    q = tl.codes.to(torch.int8) - (1 << (OP_BITS - 1))
+    packed = pack_int4(q).to(w.device), tl.table.contiguous().to(w.device)
+    _MEMO[key] = packed
+    if len(_MEMO) > _MEMO_SIZE:
+        _MEMO.popitem(last=False)
+    return packed[0].clone(), packed[1].clone()
+
+
+def twinlog_values(w_q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The float32 (N, K) weight that :func:`twinlog_weight`'s output stands for."""
+    if table.dim() != 2 or table.shape[0] != w_q.shape[0] or table.shape[1] != 1 << OP_BITS:
+        raise QuantizationError(f"a twin-log table is (N, {1 << OP_BITS}); got "
+                                f"{tuple(table.shape)} for {w_q.shape[0]} rows")
+    idx = unpack_int4(w_q).long() + (1 << (OP_BITS - 1))
+    return table.float().gather(1, idx)

@@ -46,10 +46,22 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+budget": ("clq", {"budget": 0.05}),
     "clq+gptq+lowrank+budget": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05}),
     "clq+gptq+lowrank g64": ("clq", {"weights": "gptq", "lowrank": 7, "w_group": 64}),
+    # issue 16: QuaRTZ's LZS activations (4-bit codes, a shift per 16 values along K)
+    "rtn+lzs": ("rtn", {"activations": "lzs"}),
+    "clq+lzs": ("clq", {"activations": "lzs"}),
+    "clq+gptq+lowrank+budget+lzs": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
+                                             "activations": "lzs"}),
+    # issue 16: LRQ-DiT's twin-log weights (they replace GPTQ's rounding, not add to it)
+    "rtn+twinlog": ("rtn", {"weights": "twinlog"}),
+    "clq+twinlog": ("clq", {"weights": "twinlog"}),
+    "clq+twinlog+lowrank+budget": ("clq", {"weights": "twinlog", "lowrank": 7,
+                                           "budget": 0.05}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
-           "clq+gptq+lowrank+budget", "clq+gptq+lowrank g64"]
+           "clq+gptq+lowrank+budget", "clq+gptq+lowrank g64", "rtn+lzs", "clq+lzs",
+           "clq+gptq+lowrank+budget+lzs", "rtn+twinlog", "clq+twinlog",
+           "clq+twinlog+lowrank+budget"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 

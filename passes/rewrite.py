@@ -154,6 +154,7 @@ class RewriteLinears(GraphPass):
                 new = graph.call_function(
                     QUANT_LINEAR,
                     (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
+                    spec.op_kwargs,
                 )
                 new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
                 new.meta[LAYERS_KEY] = [lp.name]

@@ -90,7 +90,7 @@ class ShareQuantizedInputs(GraphPass):
         (name,) = layer_names(node)
         lp = self.plan.layers[name]
         return (node.args[_X], *node.args[_ACT], lp.spec.w_group, node.args[_BIAS] is None,
-                *node.args[_TRANSFORM_ARGS])
+                *node.args[_TRANSFORM_ARGS], *sorted(node.kwargs.items()))
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         siblings: dict[tuple, list[fx.Node]] = {}
@@ -123,7 +123,7 @@ class ShareQuantizedInputs(GraphPass):
             bias = None if first.args[_BIAS] is None else \
                 _cat(gm, [m.args[_BIAS] for m in members], f"{base}_bias")
             new = graph.call_function(QUANT_LINEAR, (first.args[_X], w_q, w_scale, bias,
-                                                     *first.args[4:]))
+                                                     *first.args[4:]), dict(first.kwargs))
             parts = graph.call_function(aten.split_with_sizes.default, (new, sizes, -1))
             outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes))]
         position = {n: i for i, n in enumerate(graph.nodes)}

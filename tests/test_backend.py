@@ -274,8 +274,22 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
     ({"mode": "fastest"}, "mode='fastest'"),
     ({"inductor": False, "mode": "reduce-overhead"}, "needs inductor=True"),
     ({"inductor": "yes"}, "inductor='yes'"),
+    ({"weights": "twinlog"}, "weights='twinlog' is solved from the weights once"),
 ])
 def test_backend_options_are_checked(options, match):
     model, inputs = tiny_pixart()
     with pytest.raises(Exception, match=match):
         torch.compile(model, backend="clq", options=options)(**inputs(1))
+
+
+def test_lzs_activations_through_the_backend():
+    """An activation format reaches the backend's graph (re-packed weights, same op)
+    and gives what clq.quantize gives for the same recipe."""
+    model, inputs = tiny_pixart()
+    x = inputs(2)
+    with torch.no_grad():
+        out = torch.compile(model, backend="clq", fullgraph=True,
+                            options={"activations": "lzs", "inductor": False})(**x)[0]
+        ref = clq.quantize(model, [inputs(0)], activations="lzs", extra_shapes=None,
+                           measure=False)(**x)[0]
+    assert torch.equal(out, ref)

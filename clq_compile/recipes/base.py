@@ -3,6 +3,7 @@ they turn ``bits`` into."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +21,7 @@ from clq_compile.options import (
 )
 from clq_compile.passes.roles import ROLES
 from clq_compile.runner import PlanContext
-from clq_compile.spec import QuantSpec, parse_bits
+from clq_compile.spec import A_FORMATS, LZS_GROUPS, QuantSpec, parse_bits
 
 __all__ = ["PlanContext", "RecipeConfig"]
 
@@ -38,7 +39,8 @@ class RecipeConfig:
     # Weight rounding after the recipe's plan: "rtn" (nearest) or "gptq" (error-
     # compensating, from each layer's calibration Hessian; ``damp`` is its dampening as a
     # fraction of the mean diagonal, ``act_order`` rounds the busiest inputs first).
-    weights: str = option("rtn", choice("rtn", "gptq"))
+    # "twinlog": LRQ-DiT's twin-log codes (4-bit, a table per output row; clq_compile.twinlog).
+    weights: str = option("rtn", choice("rtn", "gptq", "twinlog"))
     damp: float = option(0.01, real(0.0, 1.0, lo_open=True))
     act_order: bool = option(True, boolean)
     # A rank-``lowrank`` float branch beside each quantized weight (SVDQuant's form).
@@ -49,6 +51,9 @@ class RecipeConfig:
     # w4a8 -> w8a8; weight-only or w8a8 -> fp).
     budget: float = option(0.0, real(0.0, 1.0))
     budget_bits: str = option("auto", choice("auto", *BUDGET_BITS))
+    # How activations are coded (``A_FORMATS``): "lzs" is QuaRTZ's leading-zero
+    # suppression, 4-bit codes with a shift per ``a_group`` (default 16) along K.
+    activations: str = option("int", choice(*A_FORMATS))
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -63,6 +68,15 @@ class RecipeConfig:
         """``bits`` with this config's group sizes; an activation group with weight-only
         bits is a contradiction, not something to ignore."""
         spec = bits.with_groups(self.w_group, self.a_group)
+        if self.activations == "lzs":
+            spec = self._lzs_spec(spec)
+        if self.weights == "twinlog":
+            if spec.w_bits != 4 or spec.w_group:
+                raise ConfigError(
+                    f"option weights='twinlog' codes each weight row in 4 bits through its "
+                    f"own table: it needs 4-bit weights per row, got bits={spec.name!r} "
+                    f"with w_group={spec.w_group} (drop w_group, or use weights='rtn')")
+            spec = dataclasses.replace(spec, w_format="twinlog")
         if spec.a_bits == 16 and spec.a_group:
             raise ConfigError(
                 f"option a_group={spec.a_group} has no effect with weight-only bits "
@@ -78,10 +92,22 @@ class RecipeConfig:
                     f"'auto' or one of {[b for b in BUDGET_BITS if b != spec.name]}")
         return spec
 
+    def _lzs_spec(self, spec: QuantSpec) -> QuantSpec:
+        if spec.a_bits != 4:
+            raise ConfigError(
+                f"option activations='lzs' codes activations in 4 bits; bits={spec.name!r} "
+                f"has a_bits={spec.a_bits}: use bits='w4a4' (or a QuantSpec with a_bits=4)")
+        group = LZS_GROUPS[0] if self.a_group is None else self.a_group
+        if group not in LZS_GROUPS:
+            raise ConfigError(
+                f"option a_group={self.a_group!r} is not allowed with activations='lzs': "
+                f"expected one of {list(LZS_GROUPS)} (the shift's group along K)")
+        return QuantSpec(spec.w_bits, 4, spec.w_group, group, "lzs")
+
     def budget_spec(self, spec: QuantSpec) -> QuantSpec | None:
         """What ``budget`` promotes layers of ``spec`` to (None: full precision)."""
         if self.budget_bits == "auto":
             if spec.a_bits == 4:
-                return QuantSpec(spec.w_bits, 8)
+                return QuantSpec(spec.w_bits, 8, w_format=spec.w_format)
             return parse_bits("w8a8") if (spec.w_bits, spec.a_bits) == (4, 8) else None
         return None if self.budget_bits == "fp" else parse_bits(self.budget_bits)

@@ -93,3 +93,22 @@ def quantize_u8(
         qmin, qmax = qrange(bits)
         u = op.Clip(u, const(U8_ZERO + qmin, np.uint8), const(U8_ZERO + qmax, np.uint8))
     return u, s
+
+
+def lzs_fake_quantize(x: ir.Value, rank: int, k: int, group: int, clip: float) -> ir.Value:
+    """QuaRTZ leading-zero suppression (``clq_compile.lzs``) in float ops, exact: int8
+    codes per token clamped to ±127, then per group of ``group`` the magnitudes lose their
+    low FLAG bits. 2^FLAG is summed from the nested thresholds (1 + [m≥8] + 2[m≥16] +
+    4[m≥32] + 8[m≥64]) and ``Floor(|q| / 2^FLAG)`` is the right shift; every value is a
+    small integer, so each op is exact and the result equals the reference's
+    ``(code << FLAG) · scale`` bit for bit."""
+    s = runtime_scale(x, rank, k, 8, 0, clip)
+    q = op.Clip(op.Round(op.Div(x, s)), const(-127.0), const(127.0))
+    mag = split_last(op.Abs(q), rank, k // group, group)
+    m = op.ReduceMax(mag, const([-1], np.int64), keepdims=1)
+    p = const(1.0)
+    for bit, weight in ((8, 1.0), (16, 2.0), (32, 4.0), (64, 8.0)):
+        hit = op.Cast(op.GreaterOrEqual(m, const(float(bit))), to=ir.DataType.FLOAT)
+        p = op.Add(p, op.Mul(hit, const(weight)))
+    kept = merge_last(op.Mul(op.Floor(op.Div(mag, p)), p), rank, k)
+    return op.Mul(op.Mul(op.Sign(q), kept), s)

@@ -65,7 +65,8 @@ def export_onnx(
     weights = WeightTable.from_exported_program(ep)
     table = {
         **torchlib_fixes.TRANSLATIONS,
-        torch.ops.clq.quant_linear.default: quant_linear_translation(weights, TARGETS[target]),
+        torch.ops.clq.quant_linear.default: quant_linear_translation(weights, TARGETS[target],
+                                                                     qdq.qdq_linear),
         torch.ops.clq.transform.default: transform,
     }
     try:

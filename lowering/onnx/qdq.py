@@ -9,15 +9,23 @@ MatMul's summation order differs from torch.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript import opset21 as op
 
 from .activation import cast_like, fake_quantize, rank_of, to_float
-from .weights import PackedWeight
+from .weights import PackedWeight, TableWeight
 
 
-def dequantized_weight(w: PackedWeight) -> ir.Value:
-    """Float (K, N) weight from its integer constant and scales."""
+def dequantized_weight(w: PackedWeight | TableWeight) -> ir.Value:
+    """Float (K, N) weight from its integer constant and scales, or from its twin-log
+    codes and table: codes widened exactly (DequantizeLinear with scale 1), then
+    ``GatherElements`` picks table[code, n], the reference's own values."""
+    if isinstance(w, TableWeight):
+        codes = op.DequantizeLinear(op.Constant(value=w.code_tensor()), op.Constant(
+            value=ir.tensor(np.array(1.0, dtype=np.float32))))
+        idx = op.Cast(codes, to=ir.DataType.INT64)
+        return op.GatherElements(op.Constant(value=w.table_tensor()), idx, axis=0)
     q = op.Constant(value=w.int_tensor())
     if w.group == 0:
         s = op.Constant(value=w.scale_tensor(w.scale[:, 0], "scale"))
@@ -27,7 +35,8 @@ def dequantized_weight(w: PackedWeight) -> ir.Value:
 
 
 def qdq_linear(
-    x: ir.Value, w: PackedWeight, bias: ir.Value | None, a_bits: int, a_group: int, a_clip: float
+    x: ir.Value, w: PackedWeight | TableWeight, bias: ir.Value | None, a_bits: int,
+    a_group: int, a_clip: float,
 ) -> ir.Value:
     rank = rank_of(x)
     xf = to_float(x)

@@ -20,6 +20,7 @@ from onnxscript import opset21 as op
 
 from clq_compile.ops import PROLOGUES, unpack_weight, weight_group
 
+from .activation import cast_like, lzs_fake_quantize, rank_of, to_float
 from .errors import OnnxExportError
 from .transform import transform
 
@@ -65,6 +66,29 @@ class PackedWeight:
         return ir.Tensor(value, name=f"{self.name}_{suffix}")
 
 
+@dataclass(frozen=True)
+class TableWeight:
+    """Twin-log weight: codes (N, K) in [0, 16) and each row's table (N, 16) float32."""
+
+    name: str
+    codes: np.ndarray  # uint8
+    table: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.codes.shape[1]
+
+    def code_tensor(self) -> ir.Tensor:
+        """(K, N) codes as UINT4: packed two per byte in the file, like int4 weights."""
+        return ir.Tensor(np.ascontiguousarray(self.codes.T).astype(ml_dtypes.uint4),
+                         name=f"{self.name}_codes_kn")
+
+    def table_tensor(self) -> ir.Tensor:
+        """(16, N): GatherElements along axis 0 reads table[code[k, n], n]."""
+        return ir.Tensor(np.ascontiguousarray(self.table.T, dtype=np.float32),
+                         name=f"{self.name}_table")
+
+
 class WeightTable:
     """Placeholder name → constant tensor of an exported program (parameters, buffers and
     lifted constants), so translations can read the packed weights they are handed."""
@@ -103,6 +127,15 @@ class WeightTable:
                 op="clq.quant_linear",
             )
         return PackedWeight(w_q.name or "w", q.numpy(), scale.numpy(), w_bits)
+
+    def table_weight(self, w_q: ir.Value, table: ir.Value) -> TableWeight:
+        q = unpack_weight(self.tensor(w_q, "weight"), 4)
+        t = self.tensor(table, "weight table").float()
+        if t.dim() != 2 or t.shape != (q.shape[0], 16):
+            raise OnnxExportError(
+                f"twin-log table {tuple(t.shape)} does not fit weight {tuple(q.shape)}: "
+                "expected (N, 16)", op="clq.quant_linear")
+        return TableWeight(w_q.name or "w", (q + 8).to(torch.uint8).numpy(), t.numpy())
 
 
 def nbits_block(k: int, group: int, max_block: int = 256) -> int:
@@ -147,9 +180,11 @@ def _like(y: ir.Value, x: ir.Value) -> ir.Value:
     return y
 
 
-def quant_linear_translation(weights: WeightTable, lower: LowerLinear) -> Callable[..., ir.Value]:
+def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
+                             table_lower: LowerLinear) -> Callable[..., ir.Value]:
     """The torch.onnx translation of ``clq.quant_linear`` (the op's own signature, which
-    torch.onnx reads): look up the packed weight, then hand the layer to ``lower``."""
+    torch.onnx reads): look up the packed weight, then hand the layer to ``lower``
+    (``table_lower`` for twin-log weights, which only a float form can run)."""
 
     def quant_linear(
         x: ir.Value,
@@ -164,11 +199,25 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear) -> Callab
         smooth: ir.Value | None = None,
         rot: ir.Value | None = None,
         prologue: str | None = None,
+        a_format: str = "int",
+        w_format: str = "int",
     ) -> ir.Value:
         if prologue is not None:  # the producer's GELU, fused into the op
             x = _like(op.Gelu(x, approximate=PROLOGUES[prologue]), x)
         if perm is not None or smooth is not None or rot is not None:
             x = _like(transform(x, perm, smooth, rot), x)  # the op's fused input transform
-        return lower(x, weights.weight(w_q, w_scale, w_bits), bias, a_bits, a_group, a_clip)
+        for what, value in (("activation", a_format), ("weight", w_format)):
+            if value not in ("int", "lzs" if what == "activation" else "twinlog"):
+                raise OnnxExportError(f"clq.quant_linear {what} format {value!r} has no "
+                                      "ONNX lowering", op="clq.quant_linear")
+        if w_format == "twinlog":  # a per-row table: only the float (Q/DQ) form takes it
+            w, target = weights.table_weight(w_q, w_scale), table_lower
+        else:
+            w, target = weights.weight(w_q, w_scale, w_bits), lower
+        if a_format == "lzs":  # coded in float ops, then the target's weight-only form
+            rank = rank_of(x)
+            xq = cast_like(lzs_fake_quantize(to_float(x), rank, w.k, a_group, a_clip), x)
+            return target(_like(xq, x), w, bias, 16, 0, 1.0)
+        return target(x, w, bias, a_bits, a_group, a_clip)
 
     return quant_linear

@@ -25,6 +25,7 @@ from clq_compile.lowering.triton import configs
 from clq_compile.lowering.triton.derived import derived
 from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
 from clq_compile.lowering.triton.support import RowPlan, Unsupported, plan_rows
+from clq_compile.lzs import GROUPS as LZS_GROUPS
 from clq_compile.quant import EPS
 
 # tl.dot precision of the fp32 rotation. "tf32x3" (three tf32 MMAs) keeps ~fp32 accuracy
@@ -124,6 +125,20 @@ def _scale_of(amax, clip, QMAX: tl.constexpr, EPS_: tl.constexpr):
 
 
 @triton.jit
+def _lzs_truncate(q, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 codes in [-127, 127] as LZS keeps them (clq_compile.lzs): per group, the
+    magnitudes lose their low FLAG = max(bitlen(max |q|) - 3, 0) bits, sign kept. The
+    result is the decoded value ``code << FLAG``, still an int8."""
+    mag = tl.reshape(tl.abs(q), (BLOCK_M, BLOCK_K // GROUP, GROUP))
+    m = tl.max(mag, axis=2)
+    flag = (m >= 8).to(tl.int32) + (m >= 16).to(tl.int32) + (m >= 32).to(tl.int32) + \
+        (m >= 64).to(tl.int32)
+    f = tl.broadcast_to(flag[:, :, None], (BLOCK_M, BLOCK_K // GROUP, GROUP))
+    kept = tl.reshape((mag >> f) << f, (BLOCK_M, BLOCK_K))
+    return tl.where(q < 0, -kept, kept)
+
+
+@triton.jit
 def _store_q(q_ptr, q, offs_m, mask_m, k0, K, stride_qm, BITS: tl.constexpr,
              STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Store int32 ``q``: packed int4 pairs (element 2i low nibble, 2i+1 high) when BITS
@@ -160,7 +175,7 @@ def _rows_kernel(
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr,  # 1: dense B×B dot; >1: factored Hadamard, see _butterflies
     ROUND_TO: tl.constexpr, OUT_ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr,
-    MODE: tl.constexpr,  # 0 transform only, 1 quantize per token, 2 quantize per group
+    MODE: tl.constexpr,  # 0 transform only, 1 quantize per token, 2 per group, 3 LZS
     BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
     STORE: tl.constexpr,  # see _store_q
     PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr,  # see _prologue
@@ -175,7 +190,7 @@ def _rows_kernel(
     else:
         rot = 0.0
 
-    if MODE == 1:
+    if MODE == 1 or MODE == 3:
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
@@ -199,6 +214,10 @@ def _rows_kernel(
                      mask=mask_m[:, None] & (offs_k[None, :] < K))
         elif MODE == 1:
             q = _quantize_tile(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)), QMAX)
+            _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, STORE, BLOCK_M, BLOCK_K)
+        elif MODE == 3:
+            q = _quantize_tile(x, tl.broadcast_to(scale[:, None], (BLOCK_M, BLOCK_K)), QMAX)
+            q = _lzs_truncate(tl.maximum(q, -QMAX), GROUP, BLOCK_M, BLOCK_K)
             _store_q(out_ptr, q, offs_m, mask_m, k0, K, stride_om, BITS, STORE, BLOCK_M, BLOCK_K)
         else:
             xg = tl.reshape(x, (BLOCK_M, BLOCK_K // GROUP, GROUP))
@@ -257,13 +276,14 @@ def _launch(
     rot_precision: str | None,
     store: int = 0,
     prologue: str | None = None,
+    lzs_group: int = 0,
 ) -> None:
     x2 = x.reshape(-1, plan.k)
     m = x2.shape[0]
     if m == 0:
         return
     rot_f, outer = _rotation_operand(rot, x.device) if rot is not None else (None, 1)
-    mode = 0 if plan.bits == 0 else (2 if plan.group else 1)
+    mode = 0 if plan.bits == 0 else 3 if lzs_group else (2 if plan.group else 1)
     dummy = x2  # never dereferenced when the matching flag is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
     _rows_kernel[grid](
@@ -280,7 +300,7 @@ def _launch(
         ROT_OUTER=outer,
         ROUND_TO=round_to, OUT_ROUND=_round_code(out.dtype) if plan.bits == 0 else 0,
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
-        QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, 1),
+        QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, lzs_group, 1),
         EPS_=EPS, STORE=store, PROLOGUE=_PROLOGUE_CODES[prologue],
         IN_ROUND=_round_code(x.dtype), BLOCK_K=plan.block_k,
         enable_fp_fusion=False,  # keep x*smooth and the rounding trick as separate IEEE ops
@@ -299,6 +319,7 @@ def rotate_quantize(
     rot_precision: str | None = None,
     container: str = "packed",
     prologue: str | None = None,
+    lzs_group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -310,7 +331,11 @@ def rotate_quantize(
     how the integers are stored (``CONTAINERS``): "packed" (int4 pairs / int8), "int8" (one
     int8 per element, for the int8 GEMM route) or "fp8" (float8 e4m3, exact for 4-bit
     values, for ``torch._scaled_mm``). ``prologue``: ``clq_compile.ops.PROLOGUES``, applied
-    to x first and rounded to its dtype.
+    to x first and rounded to its dtype. ``lzs_group`` (16 or 32; ``bits`` 8, per
+    token): QuaRTZ's leading-zero suppression of the int8 codes, stored decoded
+    (``code << FLAG``, exact in int8) for the int8 GEMM: ``Σ (c << f)·w`` over a group is
+    that group's partial sum shifted by ``f``, and NVIDIA tensor cores have no 4-bit
+    multiply with a per-group shift to run the coded form on.
     Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
     if not 0.0 < clip <= 1.0:
@@ -321,7 +346,13 @@ def rotate_quantize(
         raise ValueError(f"prologue {prologue!r} not in {tuple(_PROLOGUE_CODES)}")
     if container == "fp8" and bits != 4:
         raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
+    if lzs_group:
+        if bits != 8 or group or lzs_group not in LZS_GROUPS or x.shape[-1] % lzs_group:
+            raise Unsupported(f"LZS group {lzs_group} needs 8-bit per-token codes and a "
+                              f"group in {LZS_GROUPS} dividing K={x.shape[-1]}")
     plan = plan_rows(x, perm, smooth, rot, bits, group)
+    if lzs_group and plan.block_k % lzs_group:
+        raise Unsupported(f"K tile {plan.block_k} does not hold whole LZS groups")
     m = x.numel() // plan.k if plan.k else 0
     store = CONTAINERS[container]
     width = plan.k // 2 if bits == 4 and store == 0 else plan.k
@@ -331,7 +362,7 @@ def rotate_quantize(
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
     _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision, store,
-            prologue)
+            prologue, lzs_group)
     return q, scale
 
 

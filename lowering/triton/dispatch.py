@@ -105,6 +105,8 @@ def quant_linear_triton(
     smooth: Tensor | None = None,
     rot: Tensor | None = None,
     prologue: str | None = None,
+    a_format: str = "int",
+    w_format: str = "int",
     route: str | None = None,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels: transform and quantize x per token/group (one
@@ -112,26 +114,34 @@ def quant_linear_triton(
     benchmarks); output in x's dtype."""
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
            a_bits, a_group, perm is not None, smooth is not None,
-           None if rot is None else tuple(rot.shape), prologue)
+           None if rot is None else tuple(rot.shape), prologue, a_format, w_format)
     transform = (perm, smooth, rot)
     reason = _device_reason(x)
     if not reason:
         try:
             with _on_device(x):
+                if w_format != "int":
+                    raise Unsupported(f"{w_format} weights: the GEMMs take integer weights "
+                                      "with scales, not a per-row table")
+                if a_format == "lzs":  # int8 codes, truncated per group (rotate_quantize)
+                    return _quant_linear(x, w_q, w_scale, bias, w_bits, 8, 0, a_clip,
+                                         transform, prologue, route, lzs_group=a_group)
+                if a_format != "int":
+                    raise Unsupported(f"activation format {a_format!r}")
                 return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
                                      transform, prologue, route)
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  *transform, prologue)
+                                  *transform, prologue, a_format, w_format)
 
 
 def _quant_linear(
     x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
     w_bits: int, a_bits: int, a_group: int, a_clip: float,
     transform: tuple[Tensor | None, Tensor | None, Tensor | None], prologue: str | None,
-    route: str | None,
+    route: str | None, lzs_group: int = 0,
 ) -> Tensor:
     qgemm = _kernels("qgemm")
     k = x.shape[-1]
@@ -159,7 +169,8 @@ def _quant_linear(
     # The route decides how the quantizer stores the integers ("packed" keeps int4 pairs).
     # Rounded to x's dtype before quantizing, as clq::transform's output would be.
     a, a_scale = _kernels("act_quant").rotate_quantize(x2, *transform, a_bits, a_group, a_clip,
-                                                       container=route, prologue=prologue)
+                                                       container=route, prologue=prologue,
+                                                       lzs_group=lzs_group)
     if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w_q, w_scale, bias, x.dtype)
     elif route == "int8":

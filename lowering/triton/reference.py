@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from clq_compile.lzs import lzs_decode, lzs_quantize
 from clq_compile.ops import apply_prologue, transform_reference, unpack_weight
 from clq_compile.quant import pack_int4, quantize, unpack_int4
 
@@ -27,9 +28,10 @@ def rotate_quantize_reference(
     clip: float = 1.0,
     round_to_input_dtype: bool = True,
     prologue: str | None = None,
+    lzs_group: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``act_quant.rotate_quantize``: prologue, transform, then
-    ``clq_compile.quant``."""
+    ``clq_compile.quant`` (``clq_compile.lzs`` decoded, with ``lzs_group``)."""
     k = x.shape[-1]
     x2 = apply_prologue(x.reshape(-1, k), prologue)
     if perm is None and smooth is None and rot is None:
@@ -38,6 +40,9 @@ def rotate_quantize_reference(
         y = transform_reference(x2, perm, smooth, rot)
     else:
         y = transform_reference(x2.float(), perm, smooth, rot)
+    if lzs_group:
+        codes, flags, scale = lzs_quantize(y.float(), lzs_group, clip)
+        return lzs_decode(codes, flags, lzs_group).to(torch.int8), scale
     qt = quantize(y.float(), bits, group, clip, check=False)
     q = pack_int4(qt.q) if bits == 4 else qt.q
     return q, qt.scale.reshape(x2.shape[0], -1)

@@ -41,22 +41,34 @@ def test_rtn_quality_and_node_count(model_and_inputs, bits):
     assert all(lp.sqnr_db is not None for lp in qm.plan.quantized_layers())
 
 
-def test_dynamic_batch(model_and_inputs):
+def test_dynamic_batch_and_fp_weights_dropped(model_and_inputs):
+    """One W4A4 quantize: another batch size runs (floor as W4A4 above), the quantized
+    layers' float weights are gone, and inspect lists every layer."""
     model, inputs = model_and_inputs
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w8a8", measure=False,
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
                       extra_shapes=None)
     x3 = inputs(5, b=3)
     with torch.no_grad():
         ref = model(**x3)[0]
     out = qm(**x3)[0]
-    assert out.shape[0] == 3 and sqnr(ref, out) > 25.0
-
-
-def test_fp_weights_are_dropped_for_quantized_layers(model_and_inputs):
-    model, inputs = model_and_inputs
-    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
-                      extra_shapes=None)
+    assert out.shape[0] == 3 and sqnr(ref, out) > FLOORS["w4a4"]
     assert qm.weight_bytes() < qm.fp_weight_bytes
     text = clq.inspect(qm)
     for lp in qm.plan.layers.values():
         assert lp.name in text
+
+
+def test_lzs_activations_and_twinlog_weights(model_and_inputs):
+    """Issue 16's two formats together on every architecture: each quantized layer
+    carries both, and the output clears the W4A4 floor (measured 25.0-34.8 dB with one
+    calibration call, integer formats 30.2-37.3; DiT is the lowest, 5 dB above it)."""
+    model, inputs = model_and_inputs
+    qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
+                      extra_shapes=None, activations="lzs", weights="twinlog")
+    nodes = [n for n in qm.graph_module.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.clq.quant_linear.default]
+    assert nodes and all(n.kwargs == {"a_format": "lzs", "w_format": "twinlog"}
+                         for n in nodes)
+    held_out = inputs(7)
+    with torch.no_grad():
+        assert sqnr(model(**held_out)[0], qm(**held_out)[0]) > FLOORS["w4a4"]

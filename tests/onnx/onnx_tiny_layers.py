@@ -12,6 +12,7 @@ from clq_compile.capture import capture, export_program
 from clq_compile.hadamard import hadamard
 from clq_compile.quant import quantize_weight
 from clq_compile.signature import params_of
+from clq_compile.twinlog import twinlog_weight
 
 
 class QLinear(torch.nn.Module):
@@ -19,14 +20,18 @@ class QLinear(torch.nn.Module):
 
     def __init__(self, k: int, n: int, w_bits: int, a_bits: int, w_group: int = 0,
                  a_group: int = 0, a_clip: float = 1.0, rot_block: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, a_format: str = "int", w_format: str = "int") -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        w_q, w_scale = quantize_weight(torch.randn(n, k, generator=g), w_bits, w_group)
+        w = torch.randn(n, k, generator=g)
+        w_q, w_scale = twinlog_weight(w) if w_format == "twinlog" else \
+            quantize_weight(w, w_bits, w_group)
         self.register_buffer("w_q", w_q)
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("bias", torch.randn(n, generator=g))
         self.spec = (w_bits, a_bits, a_group, a_clip)
+        formats = {"a_format": a_format, "w_format": w_format}
+        self.format = {k: v for k, v in formats.items() if v != "int"}
         self.rotate = rot_block > 0
         if self.rotate:
             self.register_buffer("perm", torch.randperm(k, generator=g))
@@ -36,7 +41,8 @@ class QLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate:
             x = torch.ops.clq.transform(x, self.perm, self.smooth, self.rot)
-        return torch.ops.clq.quant_linear(x, self.w_q, self.w_scale, self.bias, *self.spec)
+        return torch.ops.clq.quant_linear(x, self.w_q, self.w_scale, self.bias, *self.spec,
+                                          **self.format)
 
 
 def as_qm(module: torch.nn.Module, x: torch.Tensor) -> SimpleNamespace:

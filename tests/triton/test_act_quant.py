@@ -16,7 +16,9 @@ import torch
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton.act_quant import rotate_quantize, transform
 from clq_compile.lowering.triton.reference import activation_ints, rotate_quantize_reference
+from clq_compile.lowering.triton.support import Unsupported
 from clq_compile.ops import transform_reference
+from clq_compile.testing import lzs_threshold_row
 from tests.triton.helpers import (
     U32,
     assert_equal,
@@ -200,3 +202,40 @@ def test_prologue_gelu(kind, dt, rot_b, device) -> None:
     diff = (a.int() - a_ref.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.005, \
         f"{int((diff > 0).sum())} of {diff.numel()} codes differ"
+
+
+@pytest.mark.parametrize(("m", "k", "dt", "lzs_group", "clip", "b"), [
+    (17, 96, "bf16", 16, 1.0, 0),   # K not a multiple of the K tile
+    (9, 128, "fp32", 32, 0.8, 0),
+    (19, 128, "bf16", 16, 1.0, 64),  # exact inputs through perm, smooth and H64
+])
+def test_lzs_bit_exact(m, k, dt, lzs_group, clip, b, device) -> None:
+    """LZS (QuaRTZ): int8 per token, then per group the low FLAG bits dropped. Integers
+    (stored decoded, code << FLAG) and token scales equal clq_compile.lzs; with a
+    rotation, on inputs whose transform is exact (see test_rotation_bit_exact_...)."""
+    if b:
+        x = integer_activation(m, k, _DT[dt], seed=k)
+        g = torch.Generator().manual_seed(2)
+        perm, rot = torch.randperm(k, generator=g), hadamard(b)
+        smooth = 2.0 ** torch.randint(-2, 3, (k,), generator=g).float()
+    else:
+        x = random_activation(m, k, _DT[dt], seed=m * k)
+        x[0, :lzs_group] *= 1e-3  # a group far below the row's absmax: FLAG 0
+        x[1] = lzs_threshold_row(k, lzs_group, clip).to(x.dtype)  # peaks at 8, 16, 32, 64
+        perm = smooth = rot = None
+    q, s = rotate_quantize(x.to(device), _dev(perm, device), _dev(smooth, device),
+                           _dev(rot, device), 8, 0, clip, lzs_group=lzs_group)
+    q_ref, s_ref = rotate_quantize_reference(x, perm, smooth, rot, 8, 0, clip,
+                                             lzs_group=lzs_group)
+    assert_equal(s, s_ref, "scales")
+    assert_equal(q, q_ref, "LZS values")
+    if not b:  # both ends of the FLAG range ran
+        peaks = q_ref.reshape(m, -1, lzs_group).abs().amax(-1)
+        assert (peaks < 8).any() and (peaks >= 64).any()
+
+
+def test_lzs_refuses_what_it_cannot_code(device) -> None:
+    x = random_activation(4, 64, torch.float32, seed=0).to(device)
+    for bits, group, lzs_group in ((4, 0, 16), (8, 32, 16), (8, 0, 8)):
+        with pytest.raises(Unsupported, match="LZS group"):
+            rotate_quantize(x, None, None, None, bits, group, 1.0, lzs_group=lzs_group)

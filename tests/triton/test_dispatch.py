@@ -11,9 +11,11 @@ import torch
 import clq_compile  # noqa: F401 - defines torch.ops.clq
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs, dispatch
+from clq_compile.lzs import lzs_fake_quantize
 from clq_compile.ops import quant_linear_reference, transform_reference, unpack_weight
 from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, quantize_weight
+from clq_compile.twinlog import twinlog_weight
 from tests.triton.helpers import (
     assert_equal,
     assert_within,
@@ -175,3 +177,46 @@ def test_quant_linear_with_gelu_prologue(route, device, caplog) -> None:
     y_ref = quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None, rot,
                                    "gelu_tanh")
     assert sqnr(y_ref, y.cpu()) > 40.0
+
+
+@pytest.mark.parametrize(("route", "group", "w_group"), [(None, 16, 0), ("int8", 32, 64)])
+def test_quant_linear_lzs(route, group, w_group, device, caplog) -> None:
+    """a_format "lzs": int8 codes truncated per group by the quantize kernel (bit-exact,
+    test_act_quant.test_lzs_bit_exact), then the int8 GEMM of the route; the output is
+    within the GEMM's summation bound of the reference, which multiplies the same decoded
+    values in float."""
+    k, n, dtype = 256, 48, torch.bfloat16
+    x = random_activation(10, k, dtype, seed=7).reshape(2, 5, k)
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(8)),
+                               4, w_group)
+    rot = hadamard(64)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                         4, 4, group, 0.9, None, None, rot.to(device), None,
+                                         "lzs", route=route)
+    assert "reference" not in caplog.text
+    y_ref = quant_linear_reference(x, w_q, w_s, None, 4, 4, group, 0.9, None, None, rot,
+                                   None, "lzs")
+    xt = transform_reference(x, None, None, rot).float().reshape(-1, k)
+    x_deq = lzs_fake_quantize(xt, group, 0.9)
+    w_deq = dequantize(unpack_weight(w_q, 4), w_s, w_group)
+    bound = matmul_bound(x_deq.abs(), w_deq.abs(), None, y_ref.reshape(-1, n), dtype,
+                         k // (w_group or k))
+    assert_within(y.reshape(-1, n).cpu(), y_ref.reshape(-1, n), bound, "LZS quant_linear")
+    y_int = quant_linear_reference(x, w_q, w_s, None, 4, 4, group, 0.9, None, None, rot)
+    assert not torch.equal(y_ref, y_int)  # the format reached the reference
+
+
+def test_twinlog_weights_fall_back_with_the_reason(device, caplog) -> None:
+    """The GEMMs take integer weights with scales: a twin-log table runs the reference,
+    logged once, with the same output."""
+    k, n = 128, 32
+    x = random_activation(6, k, torch.float32, seed=9)
+    w_q, table = twinlog_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(9)))
+    args = (w_q.to(device), table.to(device), None, 4, 4, 0, 1.0, None, None, None, None,
+            "int", "twinlog")
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), *args)
+    assert "twinlog weights" in caplog.text
+    expected = quant_linear_reference(x, w_q, table, None, 4, 4, 0, 1.0, w_format="twinlog")
+    assert_equal(y.cpu(), expected, "twin-log fallback")
