@@ -67,21 +67,26 @@ class _Half:
 
 
 @dataclass(frozen=True)
-class _Sorted:
-    """One half's magnitudes sorted per row (NaN outside the half, last), sorted once:
-    log2(· + η) keeps the order, so every η's minimum and quantiles read from it."""
+class _Magnitudes:
+    """One half's magnitudes, prepared once for every (η, pct) trial: in place (0 outside
+    the half, with its mask) and sorted per row (NaN outside the half, last); log2(· + η)
+    keeps the order, so every η's minimum and quantiles read from the sorted values."""
 
-    values: torch.Tensor  # (N, K)
+    filled: torch.Tensor  # (N, K)
+    valid: torch.Tensor  # (N, K) bool
+    values: torch.Tensor  # (N, K) sorted
     count: torch.Tensor  # (N,) magnitudes in the half
     zeros: torch.Tensor  # (N,) of them zero (leave the range when η = 0: log2(0))
 
     @classmethod
-    def of(cls, mag: torch.Tensor) -> _Sorted:
-        return cls(torch.sort(mag, dim=1).values, (~torch.isnan(mag)).sum(dim=1),
-                   (mag == 0).sum(dim=1))
+    def of(cls, mag: torch.Tensor) -> _Magnitudes:
+        """``mag``: NaN outside the half."""
+        valid = ~torch.isnan(mag)
+        return cls(torch.nan_to_num(mag, nan=0.0), valid, torch.sort(mag, dim=1).values,
+                   valid.sum(dim=1), (mag == 0).sum(dim=1))
 
 
-def _levels(half: _Sorted, eta: float, pct: float, n: int) -> torch.Tensor:
+def _levels(half: _Magnitudes, eta: float, pct: float, n: int) -> torch.Tensor:
     """(rows, n) ascending level values of one half: the range is [min, pct quantile] of
     u = log2(mag + η) over the finite u, the quantile interpolated linearly as
     ``torch.nanquantile`` does."""
@@ -114,15 +119,13 @@ def _nearest(mag: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.where(closer_lo, lo, hi)
 
 
-def _half(mag: torch.Tensor, srt: _Sorted, n: int, eta: float, percentiles) -> _Half:
-    """The best percentile per row at this η, for one half (NaN outside it)."""
-    valid = ~torch.isnan(mag)
-    filled = torch.nan_to_num(mag, nan=0.0)
+def _half(mag: _Magnitudes, n: int, eta: float, percentiles) -> _Half:
+    """The best percentile per row at this η, for one half."""
     best = None
     for pct in percentiles:
-        levels = _levels(srt, eta, pct, n)
-        idx = _nearest(filled, levels)
-        err = ((levels.gather(1, idx) - filled) ** 2 * valid).sum(dim=1)
+        levels = _levels(mag, eta, pct, n)
+        idx = _nearest(mag.filled, levels)
+        err = ((levels.gather(1, idx) - mag.filled) ** 2 * mag.valid).sum(dim=1)
         cand = _Half(err, levels, idx, torch.full_like(err, eta), torch.full_like(err, pct))
         if best is None:
             best = cand
@@ -144,12 +147,11 @@ def twinlog_quantize(w: torch.Tensor, bits: int, etas=ETAS, percentiles=PERCENTI
     w = w.detach().double()
     n = 1 << (bits - 1)
     neg = w < 0
-    pos_mag, neg_mag = torch.where(neg, torch.nan, w), torch.where(neg, -w, torch.nan)
-    pos_srt, neg_srt = _Sorted.of(pos_mag), _Sorted.of(neg_mag)
+    pos_mag = _Magnitudes.of(torch.where(neg, torch.nan, w))
+    neg_mag = _Magnitudes.of(torch.where(neg, -w, torch.nan))
     pos = neg_half = None
     for eta in etas:
-        p = _half(pos_mag, pos_srt, n, eta, percentiles)
-        q = _half(neg_mag, neg_srt, n, eta, percentiles)
+        p, q = _half(pos_mag, n, eta, percentiles), _half(neg_mag, n, eta, percentiles)
         if pos is None:
             pos, neg_half = p, q
             continue

@@ -19,6 +19,7 @@ import torch
 from onnxscript import opset21 as op
 
 from clq_compile.ops import PROLOGUES, unpack_weight, weight_group
+from clq_compile.spec import A_FORMATS, W_FORMATS
 
 from .activation import cast_like, lzs_fake_quantize, rank_of, to_float
 from .errors import OnnxExportError
@@ -206,10 +207,10 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
             x = _like(op.Gelu(x, approximate=PROLOGUES[prologue]), x)
         if perm is not None or smooth is not None or rot is not None:
             x = _like(transform(x, perm, smooth, rot), x)  # the op's fused input transform
-        for what, value in (("activation", a_format), ("weight", w_format)):
-            if value not in ("int", "lzs" if what == "activation" else "twinlog"):
-                raise OnnxExportError(f"clq.quant_linear {what} format {value!r} has no "
-                                      "ONNX lowering", op="clq.quant_linear")
+        if a_format not in A_FORMATS or w_format not in W_FORMATS:
+            raise OnnxExportError(f"clq.quant_linear formats a_format={a_format!r}, "
+                                  f"w_format={w_format!r} have no ONNX lowering",
+                                  op="clq.quant_linear")
         if w_format == "twinlog":  # a per-row table: only the float (Q/DQ) form takes it
             w, target = weights.table_weight(w_q, w_scale), table_lower
         else:

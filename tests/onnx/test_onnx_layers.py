@@ -51,16 +51,21 @@ def tie_input(shape: tuple[int, ...], bits: int, group: int, clip: float,
     return x.reshape(shape)
 
 
+def float_dot_bound(xq: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """2γ·(|x̂|·|Ŵ|ᵀ + |b|) for quantized activations x̂ and weight values Ŵ: how far two
+    float32 evaluations of the layer may differ."""
+    n = xq.shape[-1] + 3
+    gamma = n * U / (1 - n * U)
+    return 2 * gamma * (xq.double().abs() @ w.double().abs().t() + bias.double().abs())
+
+
 def dot_bound(module: QLinear, x: torch.Tensor) -> torch.Tensor:
-    """2γ·(|x̂|·|Ŵ|ᵀ + |b|): how far two float32 evaluations of the layer may differ."""
     w_bits, a_bits, a_group, a_clip = module.spec
     k = x.shape[-1]
     q = unpack_weight(module.w_q, w_bits)
-    w = dequantize(q, module.w_scale, weight_group(k, module.w_scale)).double()
+    w = dequantize(q, module.w_scale, weight_group(k, module.w_scale))
     xq = x.float() if a_bits >= 16 else fake_quantize(x.float(), a_bits, a_group, a_clip)
-    n = k + 3
-    gamma = n * U / (1 - n * U)
-    return 2 * gamma * (xq.double().abs() @ w.abs().t() + module.bias.double().abs())
+    return float_dot_bound(xq, w, module.bias)
 
 
 SPECS = [  # (w_bits, a_bits, w_group, a_group, a_clip)

@@ -22,17 +22,13 @@ from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize
 from clq_compile.testing import lzs_threshold_row
 from tests.onnx.onnx_tiny_layers import QLinear, as_qm
-from tests.onnx.test_onnx_layers import U, tie_input
+from tests.onnx.test_onnx_layers import float_dot_bound, tie_input
 
 
 def _bound(module: QLinear, x: torch.Tensor, group: int, clip: float) -> torch.Tensor:
-    k = x.shape[-1]
     w = dequantize(unpack_weight(module.w_q, 4), module.w_scale,
-                   weight_group(k, module.w_scale)).double()
-    xq = lzs_fake_quantize(x.float(), group, clip).double()
-    n = k + 3
-    gamma = n * U / (1 - n * U)
-    return 2 * gamma * (xq.abs() @ w.abs().t() + module.bias.double().abs())
+                   weight_group(x.shape[-1], module.w_scale))
+    return float_dot_bound(lzs_fake_quantize(x.float(), group, clip), w, module.bias)
 
 
 @pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
