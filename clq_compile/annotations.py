@@ -1,7 +1,9 @@
 """Typed annotations the passes attach to nodes: ``node.meta["clq"]`` (a LinearInfo, from
-analysis) and ``node.meta["clq_layers"]`` (the planned layers a ``clq.quant_linear``
-computes, from the rewrite), and the one graph-level key: ``gm.meta["clq_checkpoint"]``
-(where a graph's meta-device weights are read from, see ``clq_compile.checkpoint``)."""
+analysis), ``node.meta["clq_layers"]`` (the planned layers a ``clq.quant_linear``
+computes, from the rewrite), ``node.meta["clq_after_attention"]`` (on a norm: the
+attention-output layer it follows, the site of a DAC bias, see ``clq_compile.dac``), and
+the one graph-level key: ``gm.meta["clq_checkpoint"]`` (where a graph's meta-device
+weights are read from, see ``clq_compile.checkpoint``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.fx as fx
 
 META_KEY = "clq"
 LAYERS_KEY = "clq_layers"
+AFTER_ATTENTION_KEY = "clq_after_attention"
 CHECKPOINT_KEY = "clq_checkpoint"
 
 
@@ -43,3 +46,9 @@ def layer_names(node: fx.Node) -> list[str]:
     """The layers a rewritten ``clq.quant_linear`` node computes, in output order (several
     when siblings share one quantized input)."""
     return list(node.meta.get(LAYERS_KEY, ()))
+
+
+def after_attention(node: fx.Node) -> str | None:
+    """The attention-output layer a norm node follows (its DAC key), or None."""
+    key = node.meta.get(AFTER_ATTENTION_KEY)
+    return key if isinstance(key, str) else None

@@ -109,13 +109,15 @@ def clq_backend(
     if inductor is False and mode not in (None, "default"):
         raise ConfigError(f"option mode={mode!r} is an Inductor mode; it needs inductor=True")
     config, spec = resolve(recipe, bits, **opts)
-    if config.weights != "rtn" or config.lowrank:
-        what = f"weights={config.weights!r}" if config.weights != "rtn" else \
-            f"lowrank={config.lowrank}"
+    solved = {f"weights={config.weights!r}": config.weights != "rtn",
+              f"lowrank={config.lowrank}": bool(config.lowrank), "dac=True": config.dac,
+              "dsq=True": config.dsq}
+    what = next((k for k, on in solved.items() if on), None)
+    if what is not None:
         raise ConfigError(
             f"option {what} is solved from the weights once; the clq backend re-packs "
-            "whatever weight arrives at call time, so it only rounds to nearest without a "
-            f"low-rank branch: use clq.quantize(...) for {what}")
+            "whatever weight arrives at call time, so it only rounds to nearest, without a "
+            f"low-rank branch, DAC biases or DSQ scales: use clq.quantize(...) for {what}")
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):

@@ -15,12 +15,15 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from clq_compile.budget import promote
+from clq_compile.dac import deviation_corrections
+from clq_compile.dsq import dual_scale_transforms
 from clq_compile.overrides import PlanOverride
 from clq_compile.passes.blocks import AnnotateBlocks
 from clq_compile.passes.chains import CrossLayerChains
 from clq_compile.passes.find_linears import FindLinears
 from clq_compile.passes.groups import SharedInputGroups
 from clq_compile.passes.infra import PassManager
+from clq_compile.passes.post_norms import MarkPostAttentionNorms
 from clq_compile.passes.roles import AssignRoles
 from clq_compile.passes.skip_policy import DEFAULT_SKIP_ROLES, SkipPolicy
 from clq_compile.plan import Plan
@@ -50,8 +53,9 @@ def skip_reasons(config: RecipeConfig) -> dict[str, str]:
 
 def analysis_passes(spec: QuantSpec, config: RecipeConfig) -> PassManager:
     return PassManager(
-        [AnnotateBlocks(), FindLinears(), AssignRoles(), SharedInputGroups(),
-         SkipPolicy(spec, skip_reasons(config)), CrossLayerChains(config.window)],
+        [AnnotateBlocks(), FindLinears(), AssignRoles(), MarkPostAttentionNorms(),
+         SharedInputGroups(), SkipPolicy(spec, skip_reasons(config)),
+         CrossLayerChains(config.window)],
         lint=False,
     )
 
@@ -86,10 +90,14 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
                       shard=shard or Shard())
     t1 = time.perf_counter()
     plan = handler(config)(ctx, config)
+    if config.dsq:
+        dual_scale_transforms(ctx, plan, config.dsq_iters)
     if config.budget:
         promote(ctx, plan, config.budget, config.budget_spec(spec))
     if config.weights == "gptq":
         solve_gptq(ctx, plan, config.damp, config.act_order)
+    if config.dac:
+        deviation_corrections(ctx, plan)
     t2 = time.perf_counter()
     if measure:
         measure_layers(ctx, plan)

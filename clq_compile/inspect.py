@@ -78,8 +78,12 @@ def summary(qm: Any) -> str:
     if gemms:
         line += (f"; run as {len(gemms)} quantized GEMMs, "
                  f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
-    note = plan.meta.get("coverage")
-    return f"{line}\nWARNING: {note}" if note else line
+    if "dac" in plan.meta:
+        line += f"; DAC biases after {len(plan.dac)} norms"
+    notes = [plan.meta.get("coverage")]
+    if "dac" in plan.meta and not plan.dac:
+        notes.append("dac=True found no norm after an attention block: nothing corrected")
+    return "\n".join([line, *(f"WARNING: {n}" for n in notes if n)])
 
 
 def inspect(qm: Any, tablefmt: str = "simple") -> str:

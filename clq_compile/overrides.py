@@ -1,8 +1,8 @@
 """Runner overrides: evaluate planned linears quantized while the rest runs in float.
 
 One class serves CBC (advance the quantized prefix), CLPS probes (only one layer
-quantized, trial clips) and per-layer measurement, so all three compute exactly what the
-rewritten graph computes.
+quantized, trial clips), DAC and per-layer measurement, so all of them compute exactly
+what the rewritten graph computes (the plan's DAC biases included).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from clq_compile.annotations import linear_info
+from clq_compile.annotations import after_attention, linear_info
 from clq_compile.plan import Plan
 from clq_compile.qlinear import PackedWeight, apply_transform, planned_weight, quantized_linear
 from clq_compile.runner import PlanContext
@@ -49,6 +49,9 @@ class PlanOverride:
         return self.cache[key]
 
     def __call__(self, node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
+        site = after_attention(node)
+        if site is not None and site in self.plan.dac:
+            return add_correction(node.target(*args, **kwargs), self.plan.dac[site])
         info = linear_info(node)
         if info is None or (self.only is not None and info.name not in self.only):
             return NotImplemented
@@ -66,3 +69,8 @@ class PlanOverride:
             s[0] += float(ref.pow(2).sum())
             s[1] += float((ref - out.double()).pow(2).sum())
         return out
+
+
+def add_correction(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A norm's output plus its DAC bias, in the output's dtype (as the rewrite adds it)."""
+    return y + bias.to(y.device, y.dtype)

@@ -110,6 +110,9 @@ class Plan:
     # Weights solved against calibration data (GPTQ), by layer name; a layer absent here
     # is rounded to nearest from its float weight when the graph is built.
     weights: dict[str, PackedWeight] = field(default_factory=dict)
+    # DAC biases (float32, one per channel), each added after the norm that follows the
+    # attention-output layer it is keyed by (option ``dac``, clq_compile.dac).
+    dac: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def quantized_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers.values() if lp.quantized]
@@ -159,8 +162,11 @@ class Plan:
             for k in ("w_q", "w_scale", "up", "down"):
                 if getattr(pw, k) is not None:
                     tensors[f"plan.w.{name}.{k}"] = getattr(pw, k).contiguous()
+        for name, bias in self.dac.items():
+            tensors[f"plan.dac.{name}"] = bias.detach().contiguous()
         state = {"recipe": self.recipe, "spec": dataclasses.asdict(self.spec),
                  "layers": layers, "transforms": transforms, "weights": list(self.weights),
+                 "dac": list(self.dac),
                  "meta": json.loads(json.dumps(self.meta, default=str))}
         return state, tensors
 
@@ -180,4 +186,5 @@ class Plan:
         for name in state.get("weights", []):
             plan.weights[name] = PackedWeight(
                 *(tensors.get(f"plan.w.{name}.{k}") for k in ("w_q", "w_scale", "up", "down")))
+        plan.dac = {name: tensors[f"plan.dac.{name}"] for name in state.get("dac", [])}
         return plan

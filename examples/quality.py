@@ -56,12 +56,23 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+twinlog": ("clq", {"weights": "twinlog"}),
     "clq+twinlog+lowrank+budget": ("clq", {"weights": "twinlog", "lowrank": 7,
                                            "budget": 0.05}),
+    # issue 16: D²Quant's DAC (a bias after each post-attention norm)
+    "rtn+dac": ("rtn", {"dac": True}),
+    "clq+dac": ("clq", {"dac": True}),
+    "clq+gptq+lowrank+budget+dac": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
+                                             "dac": True}),
+    # issue 16: D²Quant's DSQ (input-channel scales of MLP down-projections)
+    "rtn+dsq": ("rtn", {"dsq": True}),
+    "clq+dsq": ("clq", {"dsq": True}),
+    "clq+gptq+lowrank+budget+dsq": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
+                                             "dsq": True}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
            "clq+gptq+lowrank+budget", "clq+gptq+lowrank g64", "rtn+lzs", "clq+lzs",
            "clq+gptq+lowrank+budget+lzs", "rtn+twinlog", "clq+twinlog",
-           "clq+twinlog+lowrank+budget"]
+           "clq+twinlog+lowrank+budget", "rtn+dac", "clq+dac", "clq+gptq+lowrank+budget+dac",
+           "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 

@@ -8,6 +8,7 @@ family, never by one spelling.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -31,6 +32,44 @@ def is_linear(node: fx.Node) -> bool:
 
 def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+NORM_OPS = frozenset({"layer_norm", "rms_norm"})
+
+
+def is_norm(node: fx.Node) -> bool:
+    """A LayerNorm/RMSNorm returning the normalized tensor (both IR levels)."""
+    return node.op == "call_function" and op_name(node) in NORM_OPS
+
+
+def _reach(node: fx.Node, forward: bool, through: frozenset[str],
+           hit: Callable[[fx.Node], bool], limit: int) -> set[fx.Node]:
+    found, stack, seen = set(), [node], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        for m in (n.users if forward else n.all_input_nodes):
+            if m in seen:
+                continue
+            seen.add(m)
+            if hit(m):
+                if not forward or (m.args and m.args[0] is n):
+                    found.add(m)
+            elif m.op == "call_function" and op_name(m) in through:
+                stack.append(m)
+    return found
+
+
+def reach_forward(node: fx.Node, through: frozenset[str],
+                  hit: Callable[[fx.Node], bool] = is_linear, limit: int = 64) -> set[fx.Node]:
+    """Nodes ``hit`` selects that read ``node`` (as their data input, ``args[0]``) directly
+    or through ``through`` ops; the walk stops at a hit."""
+    return _reach(node, True, through, hit, limit)
+
+
+def reach_back(node: fx.Node, through: frozenset[str],
+               hit: Callable[[fx.Node], bool] = is_linear, limit: int = 64) -> set[fx.Node]:
+    """Nodes ``hit`` selects that ``node`` reads directly or through ``through`` ops."""
+    return _reach(node, False, through, hit, limit)
 
 
 def gelu_kind(node: fx.Node) -> str | None:

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from clq_compile.annotations import LinearInfo, annotated_linears, linear_info
 from clq_compile.passes.blocks import BLOCK_KEY
-from clq_compile.passes.graph_utils import is_linear, is_sdpa, op_name, rank
+from clq_compile.passes.graph_utils import is_sdpa, rank, reach_back, reach_forward
 from clq_compile.passes.infra import GraphPass, PassResult
 
 ROLES = ("embed", "final", "modulation", "attn_q", "attn_k", "attn_v", "cross_q", "cross_k",
@@ -39,39 +39,6 @@ ACTIVATION_OPS = frozenset(
 QK_OPS = RESHAPE_OPS | ACTIVATION_OPS | {"layer_norm", "rms_norm", "native_layer_norm", "add",
                                          "sub", "div", "neg", "stack", "float", "type", "rsqrt",
                                          "mean"}
-
-
-def _trace_back(node: fx.Node, through: frozenset[str], limit: int = 64) -> set[fx.Node]:
-    """Linears reachable backwards from ``node`` through ``through`` ops."""
-    found, stack, seen = set(), [node], set()
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a in seen:
-                continue
-            seen.add(a)
-            if is_linear(a):
-                found.add(a)
-            elif a.op == "call_function" and op_name(a) in through:
-                stack.append(a)
-    return found
-
-
-def _trace_forward(node: fx.Node, through: frozenset[str], limit: int = 64) -> set[fx.Node]:
-    """Linears reachable forwards from ``node`` through ``through`` ops (as data input)."""
-    found, stack, seen = set(), [node], set()
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if is_linear(u):
-                if u.args and u.args[0] is n:
-                    found.add(u)
-            elif u.op == "call_function" and op_name(u) in through:
-                stack.append(u)
-    return found
 
 
 def _sdpa_arg(node: fx.Node, i: int, name: str) -> fx.Node | None:
@@ -106,7 +73,7 @@ def _per_sample(linears: list[fx.Node], gm: fx.GraphModule) -> None:
 
 def _attention(linears: list[fx.Node], gm: fx.GraphModule) -> None:
     for s in (n for n in gm.graph.nodes if is_sdpa(n)):
-        q, k, v = (_trace_back(a, QK_OPS) if a is not None else set()
+        q, k, v = (reach_back(a, QK_OPS) if a is not None else set()
                    for a in (_sdpa_arg(s, 0, "query"), _sdpa_arg(s, 1, "key"),
                              _sdpa_arg(s, 2, "value")))
         q_in = {n.args[0] for n in q}
@@ -115,12 +82,12 @@ def _attention(linears: list[fx.Node], gm: fx.GraphModule) -> None:
         _assign(q, f"{prefix}_q")
         _assign(k, f"{prefix}_k")
         _assign(v, f"{prefix}_v")
-        _assign(_trace_forward(s, RESHAPE_OPS), "attn_out")
+        _assign(reach_forward(s, RESHAPE_OPS), "attn_out")
 
 
 def _mlp(linears: list[fx.Node], gm: fx.GraphModule) -> None:
     for n in linears:
-        downs = {d for d in _trace_forward(n, RESHAPE_OPS | ACTIVATION_OPS)
+        downs = {d for d in reach_forward(n, RESHAPE_OPS | ACTIVATION_OPS)
                  if linear_info(d) is not None and linear_info(d).block == linear_info(n).block}
         if downs:
             _assign([n], "mlp_up")

@@ -30,6 +30,7 @@ from clq_compile.annotations import LAYERS_KEY, layer_names
 from clq_compile.passes.find_linears import fetch_attr
 from clq_compile.passes.graph_utils import gelu_kind, is_inert_dropout
 from clq_compile.passes.infra import GraphPass, PassResult
+from clq_compile.passes.post_norms import AddNormBiases
 from clq_compile.passes.rewrite import (
     QUANT_LINEAR,
     TRANSFORM,
@@ -188,7 +189,7 @@ class FusePrologues(GraphPass):
 
 def plan_passes(plan: Plan, weights: str = "packed") -> list[GraphPass]:
     """The one path from a Plan to a deployable graph (``weights``: see RewriteLinears)."""
-    passes: list[GraphPass] = [RewriteLinears(plan, weights)]
-    if weights != "float":
-        passes += [ShareQuantizedInputs(plan), FuseTransforms(), FusePrologues()]
-    return passes
+    if weights == "float":
+        return [RewriteLinears(plan, weights)]
+    return [AddNormBiases(plan), RewriteLinears(plan, weights), ShareQuantizedInputs(plan),
+            FuseTransforms(), FusePrologues()]

@@ -275,6 +275,8 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
     ({"inductor": False, "mode": "reduce-overhead"}, "needs inductor=True"),
     ({"inductor": "yes"}, "inductor='yes'"),
     ({"weights": "twinlog"}, "weights='twinlog' is solved from the weights once"),
+    ({"dac": True}, "dac=True is solved from the weights once"),
+    ({"dsq": True}, "dsq=True is solved from the weights once"),
 ])
 def test_backend_options_are_checked(options, match):
     model, inputs = tiny_pixart()

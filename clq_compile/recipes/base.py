@@ -54,6 +54,14 @@ class RecipeConfig:
     # How activations are coded (``A_FORMATS``): "lzs" is QuaRTZ's leading-zero
     # suppression, 4-bit codes with a shift per ``a_group`` (default 16) along K.
     activations: str = option("int", choice(*A_FORMATS))
+    # D²Quant's deviation-aware correction: a bias after each norm that follows an
+    # attention block, the mean FP-minus-quantized shift there (clq_compile.dac).
+    dac: bool = option(False, boolean)
+    # D²Quant's dual-scale quantizer on MLP down-projections: a per-input-channel weight
+    # scale, exact as a factor of the input transform's smooth (clq_compile.dsq).
+    # ``dsq_iters`` alternating rounds (the error still fell at 32 on the shapes DiT).
+    dsq: bool = option(False, boolean)
+    dsq_iters: int = option(32, integer(1))
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -62,7 +70,7 @@ class RecipeConfig:
     @property
     def calibrates(self) -> bool:
         """Whether planning needs calibration data (the recipe's or the rounding's)."""
-        return self.needs_calibration or self.weights != "rtn" or self.budget > 0
+        return self.needs_calibration or self.weights != "rtn" or self.budget > 0 or self.dac
 
     def spec_for(self, bits: QuantSpec) -> QuantSpec:
         """``bits`` with this config's group sizes; an activation group with weight-only
@@ -76,6 +84,10 @@ class RecipeConfig:
                     f"option weights='twinlog' codes each weight row in 4 bits through its "
                     f"own table: it needs 4-bit weights per row, got bits={spec.name!r} "
                     f"with w_group={spec.w_group} (drop w_group, or use weights='rtn')")
+            if self.dsq:
+                raise ConfigError(
+                    "option dsq=True fits input-channel scales to integer weight rounding; "
+                    "weights='twinlog' codes weights on its own grid: use one of them")
             spec = dataclasses.replace(spec, w_format="twinlog")
         if spec.a_bits == 16 and spec.a_group:
             raise ConfigError(

@@ -13,6 +13,7 @@ import clq_compile as clq
 from clq_compile.annotations import layer_names
 from clq_compile.qlinear import sqnr
 from clq_compile.testing import TINY_MODELS
+from tests.test_dac import SITES, dac_site_paths
 
 FLOORS = {"w8a8": 25.0, "w4a16": 25.0, "w4a8": 25.0, "w4a4": 20.0}
 
@@ -42,11 +43,14 @@ def test_rtn_quality_and_node_count(model_and_inputs, bits):
 
 
 def test_dynamic_batch_and_fp_weights_dropped(model_and_inputs):
-    """One W4A4 quantize: another batch size runs (floor as W4A4 above), the quantized
-    layers' float weights are gone, and inspect lists every layer."""
+    """One W4A4 quantize with DSQ (issue 16): another batch size runs (floor as W4A4
+    above), the quantized layers' float weights are gone, inspect lists every layer, and
+    every MLP down-projection carries DSQ's scales in its transform."""
     model, inputs = model_and_inputs
     qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
-                      extra_shapes=None)
+                      extra_shapes=None, dsq=True)
+    downs = [lp for lp in qm.plan.quantized_layers() if lp.role == "mlp_down"]
+    assert downs and all("dsq" in qm.plan.transform_of(lp).kind for lp in downs)
     x3 = inputs(5, b=3)
     with torch.no_grad():
         ref = model(**x3)[0]
@@ -58,17 +62,21 @@ def test_dynamic_batch_and_fp_weights_dropped(model_and_inputs):
         assert lp.name in text
 
 
-def test_lzs_activations_and_twinlog_weights(model_and_inputs):
-    """Issue 16's two formats together on every architecture: each quantized layer
-    carries both, and the output clears the W4A4 floor (measured 25.0-34.8 dB with one
+def test_issue16_options_together(model_and_inputs, request):
+    """Issue 16's options together on every architecture (LZS activations, twin-log
+    weights, DAC): each quantized layer carries both formats, DAC finds its sites, and the
+    output clears the W4A4 floor (measured 25.0-34.8 dB for the two formats with one
     calibration call, integer formats 30.2-37.3; DiT is the lowest, 5 dB above it)."""
     model, inputs = model_and_inputs
     qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
-                      extra_shapes=None, activations="lzs", weights="twinlog")
+                      extra_shapes=None, activations="lzs", weights="twinlog", dac=True)
     nodes = [n for n in qm.graph_module.graph.nodes
              if n.op == "call_function" and n.target == torch.ops.clq.quant_linear.default]
     assert nodes and all(n.kwargs == {"a_format": "lzs", "w_format": "twinlog"}
                          for n in nodes)
+    # DAC's sites are each architecture's post-attention norms (found from the graph)
+    assert dac_site_paths(qm.graph_module) == SITES[request.node.callspec.params[
+        "model_and_inputs"]]
     held_out = inputs(7)
     with torch.no_grad():
         assert sqnr(model(**held_out)[0], qm(**held_out)[0]) > FLOORS["w4a4"]

@@ -50,10 +50,11 @@ def test_block_fallback_is_recorded():
 @pytest.mark.parametrize("recipe,opts", [
     ("clq", {"clps": False}), ("clq", {"clps": False, "order": "sorted"}),
     ("quarot", {}), ("smoothquant", {}),
+    ("quarot", {"dsq": True}), ("rtn", {"dsq": True}),  # DSQ's s_c joins the smooth
 ])
 @pytest.mark.parametrize("factory", [tiny_pixart, tiny_flux])
 def test_rotation_only_leaves_output_unchanged(factory, recipe, opts):
-    """Transforms are orthogonal (or diagonal) and folded exactly: the output may move
+    """Transforms are orthogonal and/or diagonal and folded exactly: the output may move
     only by float32 rounding, ~1e-6 relative; 1e-4 leaves margin for accumulation."""
     model, inputs = factory()
     calib = [inputs(i) for i in range(2)]
@@ -61,7 +62,9 @@ def test_rotation_only_leaves_output_unchanged(factory, recipe, opts):
     assert plan.transforms
     gm = PassManager([RewriteLinears(plan, weights="float")])(gm).gm
     n_t = sum(1 for n in gm.graph.nodes if n.target == torch.ops.clq.transform.default)
-    assert n_t == len({lp.group for lp in plan.quantized_layers()})
+    assert n_t == len({lp.group for lp in plan.quantized_layers() if plan.transform_of(lp)})
+    if opts.get("dsq"):
+        assert any("dsq" in tp.kind for tp in plan.transforms.values())
     x = inputs(5)
     call = bind(params_of(model.forward), (), x)  # the graph takes the full keyword layout
     with torch.no_grad():
