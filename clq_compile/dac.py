@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,6 +38,18 @@ def channel_mean(values: list[torch.Tensor]) -> torch.Tensor:
     return total / count
 
 
+def _recorder(values: dict[fx.Node, list[torch.Tensor]]):
+    """A runner override that evaluates the nodes of ``values`` as usual and keeps their
+    outputs (one per sample)."""
+    def record(node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
+        if node not in values:
+            return NotImplemented
+        out = node.target(*args, **kwargs)
+        values[node].append(out)
+        return out
+    return record
+
+
 def deviation_corrections(ctx: PlanContext, plan: Plan) -> None:
     """Fill ``plan.dac`` (site -> float32 bias) by streaming the calibration set through
     the full-precision and the planned quantized model, block by block."""
@@ -46,13 +59,12 @@ def deviation_corrections(ctx: PlanContext, plan: Plan) -> None:
     fp, q = runner.start(ctx.flat_calib), runner.start(ctx.flat_calib)
     for seg in tqdm(runner.order, desc="dac", leave=False, disable=len(runner.order) < 8):
         sites: list[fx.Node] = [n for n in runner.segments.get(seg, []) if after_attention(n)]
+        fp_values: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in sites}
+        runner.run_segment(seg, fp, _recorder(fp_values))  # advances the FP model too
         quantized = PlanOverride(ctx, plan)  # one per block: its packed weights only
-        if sites:
-            fp_mean = {n: channel_mean(v) for n, v in runner.probe(fp, seg, set(sites)).items()}
-            for node in sites:  # the earlier sites' biases are in the plan already
-                q_mean = channel_mean(runner.probe(q, seg, {node}, quantized)[node])
-                plan.dac[after_attention(node)] = (fp_mean[node] - q_mean).float()
-        runner.run_segment(seg, fp, None)
+        for node in sites:  # in graph order: the earlier sites' biases are in the plan
+            q_mean = channel_mean(runner.probe(q, seg, {node}, quantized)[node])
+            plan.dac[after_attention(node)] = (channel_mean(fp_values[node]) - q_mean).float()
         runner.run_segment(seg, q, quantized)
     plan.meta["dac"] = {
         "sites": len(plan.dac), "seconds": round(time.perf_counter() - t0, 3),

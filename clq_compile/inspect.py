@@ -78,11 +78,11 @@ def summary(qm: Any) -> str:
     if gemms:
         line += (f"; run as {len(gemms)} quantized GEMMs, "
                  f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
+    notes = [plan.meta.get("coverage")]
     if "dac" in plan.meta:
         line += f"; DAC biases after {len(plan.dac)} norms"
-    notes = [plan.meta.get("coverage")]
-    if "dac" in plan.meta and not plan.dac:
-        notes.append("dac=True found no norm after an attention block: nothing corrected")
+        if not plan.dac:
+            notes.append("dac=True found no norm after an attention block: nothing corrected")
     return "\n".join([line, *(f"WARNING: {n}" for n in notes if n)])
 
 

@@ -3,9 +3,10 @@ and given its DAC bias from a Plan (rewrite).
 
 From every attention-output linear (role ``attn_out``) the walk goes forward through the
 gate, the residual add and reshapes to the first LayerNorm/RMSNorm of the same block
-(DiT's ``norm2``, the norm before a cross-attention or an MLP). That norm is where
-D²Quant's deviation-aware correction (``clq_compile.dac``) adds its bias; each is marked
-with the layer it follows, a name that is the same in every graph of one model.
+(the norm before a cross-attention or an MLP: diffusers' DiT ``norm3``, PixArt
+``norm2``). That norm is where D²Quant's deviation-aware correction
+(``clq_compile.dac``) adds its bias; each is marked with the layer it follows, a name
+that is the same in every graph of one model.
 """
 
 from __future__ import annotations
