@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> dict:
     return row
 
 
-def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
+def start_mode(mode: str, args: argparse.Namespace, tmp: Path) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", mode, "--ckpt", str(args.ckpt_path),
            "--config", args.config, "--recipe", args.recipe, "--calls", str(args.calls),
            "--tokens-side", str(args.tokens_side), "--threads", str(args.threads),
@@ -179,10 +179,15 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     cmd += [a for kv in args.option for a in ("-o", kv)]
     # a fixed mmap threshold: freed blocks go back to the OS, so VmHWM is what was live
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # files, not pipes: a worker running beside another cannot block on a full pipe
+    with open(tmp / f"{mode}.out", "w") as out, open(tmp / f"{mode}.err", "w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+
+
+def finish_mode(mode: str, proc: subprocess.Popen, tmp: Path) -> dict:
+    if proc.wait():
+        raise SystemExit(f"{mode} failed:\n{(tmp / f'{mode}.err').read_text()[-4000:]}")
+    return json.loads((tmp / f"{mode}.out").read_text().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -199,6 +204,9 @@ def main() -> None:
     ap.add_argument("--ckpt-dtype", choices=["bfloat16", "float16"],
                     help="store the checkpoint in this dtype (read back into fp32)")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the modes side by side (peaks stay per process; seconds then "
+                         "share the cores and are not comparable)")
     ap.add_argument("--out", default=str(RESULTS / "big_model.json"))
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -215,7 +223,11 @@ def main() -> None:
         args.ckpt_path = tmp / "model.safetensors"
         write_random_checkpoint(build(args.config, args.tokens_side, 1, meta=True)[0],
                                 args.ckpt_path, getattr(torch, args.ckpt_dtype or "", None))
-        rows = [run_mode(m, args, tmp) for m in args.modes]
+        if args.parallel:  # each mode still in its own process, so each peak is its own
+            procs = [(m, start_mode(m, args, tmp)) for m in args.modes]
+            rows = [finish_mode(m, p, tmp) for m, p in procs]
+        else:
+            rows = [finish_mode(m, start_mode(m, args, tmp), tmp) for m in args.modes]
         outs = {m: torch.load(tmp / f"{m}.pt") for m in args.modes if m != "plan"}
         same = None
         if len(outs) == 2:

@@ -14,9 +14,11 @@ from typing import Any
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from clq_compile.annotations import CHECKPOINT_KEY
 from clq_compile.budget import promote
 from clq_compile.dac import deviation_corrections
 from clq_compile.dsq import dual_scale_transforms
+from clq_compile.errors import ConfigError
 from clq_compile.overrides import PlanOverride
 from clq_compile.passes.blocks import AnnotateBlocks
 from clq_compile.passes.chains import CrossLayerChains
@@ -85,6 +87,11 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
     measure each planned layer. ``shard``: this process's share of the per-layer work
     (default: all of it)."""
     t0 = time.perf_counter()
+    if config.hessian == "fisher" and CHECKPOINT_KEY in gm.meta:
+        raise ConfigError(
+            "option hessian='fisher' backpropagates through the whole model per call, which "
+            "holds every block's weights: it cannot run from a checkpoint (drop checkpoint=, "
+            "or use hessian='uniform')")
     gm = analyze(gm, spec, config)
     ctx = PlanContext(gm, spec, flat_calib, GraphRunner(gm), rank=config.lowrank,
                       shard=shard or Shard())
@@ -95,7 +102,7 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
     if config.budget:
         promote(ctx, plan, config.budget, config.budget_spec(spec))
     if config.weights == "gptq":
-        solve_gptq(ctx, plan, config.damp, config.act_order)
+        solve_gptq(ctx, plan, config.damp, config.act_order, config.hessian)
     if config.dac:
         deviation_corrections(ctx, plan)
     t2 = time.perf_counter()

@@ -38,7 +38,6 @@ class GroupStats:
 
     absmax: torch.Tensor
     samples: list[torch.Tensor] = field(default_factory=list)  # token subsample (percentile)
-    hessian: Hessian | None = None  # Σ xᵀx of the raw (untransformed) input, when asked
 
     def score(self, percentile: float | None) -> torch.Tensor:
         if percentile is None or not self.samples:
@@ -52,11 +51,19 @@ class BlockData:
     envs: list[dict[fx.Node, Any]]  # calibration inputs of this block (quantized prefix)
     stats: dict[int, GroupStats]  # by group id, for groups with a layer in this block
     layers: list[str]  # planned layers of this block, in graph order
+    # Σ xᵀx of the raw (untransformed) input, when asked: by group id, or by layer name
+    # when weighted per layer (``hessian_key``)
+    hessians: dict[int | str, Hessian] = field(default_factory=dict)
+
+    def hessian_key(self, name: str, group: int) -> int | str:
+        return name if name in self.hessians else group
 
 
-def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int, hessians: bool):
+def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int,
+             hessians: bool | dict[str, torch.Tensor]):
     stats: dict[int, GroupStats] = {}
     layers: list[str] = []
+    sums: dict[int | str, Hessian] = {}
     gen = torch.Generator().manual_seed(seg + 1)
 
     visited: set[tuple[int, int]] = set()
@@ -68,27 +75,27 @@ def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int, hes
             return NotImplemented
         if lp.name not in layers:
             layers.append(lp.name)
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        if isinstance(hessians, dict):  # weighted per layer and call: each layer its own
+            sums.setdefault(lp.name, Hessian.empty(x.shape[-1])).add(x, float(hessians[lp.name][i]))
         if (lp.group, i) in visited:  # q/k/v read the same tensor: count it once
             return NotImplemented
         visited.add((lp.group, i))
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        if hessians is True:
+            sums.setdefault(lp.group, Hessian.empty(x.shape[-1])).add(x)
         am = x.abs().amax(dim=0)
         st = stats.get(lp.group)
         if st is None:
             st = stats[lp.group] = GroupStats(am)
         else:
             st.absmax = torch.maximum(st.absmax, am)
-        if hessians:
-            if st.hessian is None:
-                st.hessian = Hessian.empty(x.shape[-1])
-            st.hessian.add(x)
         if keep_tokens:
             idx = torch.randint(0, x.shape[0], (min(keep_tokens, x.shape[0]),), generator=gen)
             st.samples.append(x[idx])
         return NotImplemented
 
     ctx.runner.run_segment(seg, envs, override, commit=False)
-    return stats, layers
+    return stats, layers, sums
 
 
 def calibrate_blockwise(
@@ -98,10 +105,11 @@ def calibrate_blockwise(
     prefix: str = "all",
     keep_tokens: int = 0,
     desc: str = "CBC",
-    hessians: bool = False,
+    hessians: bool | dict[str, torch.Tensor] = False,
 ) -> None:
     """Walk the blocks; ``decide`` fills in the plan of each block's layers in place.
-    ``hessians``: also accumulate each shared input's ``Σ xᵀx`` (for GPTQ)."""
+    ``hessians``: also accumulate each shared input's ``Σ xᵀx`` (for GPTQ); a dict of
+    per-call weights by layer name accumulates each layer's own ``Σ α_c·x_cᵀx_c``."""
     if prefix not in PREFIXES:
         raise ValueError(f"unknown CBC prefix {prefix!r}; choose from {PREFIXES}")
     runner = ctx.runner
@@ -109,9 +117,9 @@ def calibrate_blockwise(
     cal = fp if prefix == "none" else runner.start(ctx.flat_calib)
     segments = runner.order
     for seg in tqdm(segments, desc=desc, leave=False, disable=len(segments) < 4):
-        stats, layers = _collect(ctx, plan, seg, cal, keep_tokens, hessians)
+        stats, layers, sums = _collect(ctx, plan, seg, cal, keep_tokens, hessians)
         if layers:
-            decide(BlockData(seg, cal, stats, layers))
+            decide(BlockData(seg, cal, stats, layers, sums))
         quantized = PlanOverride(ctx, plan)  # packed weights of this block only
         if prefix == "all":
             runner.run_segment(seg, cal, quantized)

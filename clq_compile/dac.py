@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from clq_compile.annotations import after_attention
 from clq_compile.overrides import PlanOverride
 from clq_compile.plan import Plan
-from clq_compile.runner import PlanContext
+from clq_compile.runner import PlanContext, recorder
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +35,6 @@ def channel_mean(values: list[torch.Tensor]) -> torch.Tensor:
     total = sum(v.detach().double().reshape(-1, v.shape[-1]).sum(dim=0) for v in values)
     count = sum(v.numel() // v.shape[-1] for v in values)
     return total / count
-
-
-def _recorder(values: dict[fx.Node, list[torch.Tensor]]):
-    """A runner override that evaluates the nodes of ``values`` as usual and keeps their
-    outputs (one per sample)."""
-    def record(node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
-        if node not in values:
-            return NotImplemented
-        out = node.target(*args, **kwargs)
-        values[node].append(out)
-        return out
-    return record
 
 
 def deviation_corrections(ctx: PlanContext, plan: Plan) -> None:
@@ -60,7 +47,7 @@ def deviation_corrections(ctx: PlanContext, plan: Plan) -> None:
     for seg in tqdm(runner.order, desc="dac", leave=False, disable=len(runner.order) < 8):
         sites: list[fx.Node] = [n for n in runner.segments.get(seg, []) if after_attention(n)]
         fp_values: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in sites}
-        runner.run_segment(seg, fp, _recorder(fp_values))  # advances the FP model too
+        runner.run_segment(seg, fp, recorder(fp_values))  # advances the FP model too
         quantized = PlanOverride(ctx, plan)  # one per block: its packed weights only
         for node in sites:  # in graph order: the earlier sites' biases are in the plan
             q_mean = channel_mean(runner.probe(q, seg, {node}, quantized)[node])

@@ -20,7 +20,8 @@ from clq_compile.quant import pack_int4, qrange, symmetric_scale
 
 @dataclass
 class Hessian:
-    """Running ``Σ xᵀx`` over calibration tokens (float64) of one shared input."""
+    """Running ``Σ w·xᵀx`` over calibration tokens (float64) of one input; ``w`` is 1
+    except under Fisher weighting (clq_compile.fisher), one weight per call."""
 
     sum: torch.Tensor
     tokens: int = 0
@@ -29,9 +30,9 @@ class Hessian:
     def empty(cls, k: int) -> Hessian:
         return cls(torch.zeros(k, k, dtype=torch.float64))
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.sum.addmm_(x.T, x)
+        self.sum.addmm_(x.T, x, alpha=weight)
         self.tokens += x.shape[0]
 
     def mean(self) -> torch.Tensor:

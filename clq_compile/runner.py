@@ -98,7 +98,6 @@ class GraphRunner:
             return self.gm.get_submodule(node.target)(*args, **kwargs)
         raise RuntimeError(f"cannot evaluate node {node.name} ({node.op})")
 
-    @torch.no_grad()
     def run_segment(
         self,
         seg: int,
@@ -106,11 +105,17 @@ class GraphRunner:
         override: Override | None = None,
         commit: bool = True,
         keep: bool = False,
+        grad: bool = False,
     ) -> list[dict[fx.Node, Any]]:
         """Run segment ``seg`` for every sample. With ``commit`` the environments advance
         (and values dead after this segment are freed); without, they are left as they
         were. ``keep``: return every value the segment computed, per sample (they stay
-        alive for the caller; otherwise each sample's are freed before the next runs)."""
+        alive for the caller; otherwise each sample's are freed before the next runs).
+        ``grad``: record autograd history (for sensitivities; off everywhere else)."""
+        with torch.set_grad_enabled(grad):
+            return self._run_segment(seg, envs, override, commit, keep)
+
+    def _run_segment(self, seg, envs, override, commit, keep) -> list[dict[fx.Node, Any]]:
         produced = []
         for i, env in enumerate(envs):
             local = dict(env) if not commit else env
@@ -171,6 +176,18 @@ class GraphRunner:
     def outputs(self, envs: list[dict[fx.Node, Any]]) -> list[Any]:
         return [fx.node.map_arg(self.output.args[0], lambda n, env=env: self._value(n, env))
                 for env in envs]
+
+
+def recorder(values: dict[fx.Node, list[Any]]) -> Override:
+    """A runner override that evaluates the nodes of ``values`` as usual and keeps their
+    outputs (one per sample, in order)."""
+    def record(node: fx.Node, args: tuple, kwargs: dict, i: int) -> Any:
+        if node not in values or node.op != "call_function":
+            return NotImplemented
+        out = node.target(*args, **kwargs)
+        values[node].append(out)
+        return out
+    return record
 
 
 @dataclass

@@ -196,3 +196,20 @@ def held_out_sqnr(model: torch.nn.Module, qm: Any, inputs: Callable[..., Inputs]
 
     with torch.no_grad():
         return sum(sqnr(model(**inputs(i))[0], qm(**inputs(i))[0]) for i in calls) / len(calls)
+
+
+def plan_context(model: torch.nn.Module, calls: list[Any], spec: Any = None,
+                 recipe: str = "rtn") -> Any:
+    """A PlanContext over ``model``'s analyzed graph and ``calls`` (default W4A4), for
+    tests of the calibration stages below the recipes."""
+    from clq_compile.api import capture_calls
+    from clq_compile.build import analyze
+    from clq_compile.calibration import flatten_calls
+    from clq_compile.recipes import resolve_recipe
+    from clq_compile.runner import GraphRunner, PlanContext
+    from clq_compile.spec import QuantSpec
+
+    spec = spec or QuantSpec(4, 4)
+    graphs, calls = capture_calls(model, calls)
+    gm = analyze(graphs[0].gm, spec, resolve_recipe(recipe))
+    return PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))

@@ -66,13 +66,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+dsq": ("clq", {"dsq": True}),
     "clq+gptq+lowrank+budget+dsq": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
                                              "dsq": True}),
+    # issue 16: AdaTSQ's Fisher-weighted GPTQ Hessian
+    "quarot+gptq+fisher": ("quarot", {"weights": "gptq", "hessian": "fisher"}),
+    "clq+gptq+fisher": ("clq", {"weights": "gptq", "hessian": "fisher"}),
+    "clq+gptq+lowrank+budget+fisher": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
+                                                "hessian": "fisher"}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
            "clq+gptq+lowrank+budget", "clq+gptq+lowrank g64", "rtn+lzs", "clq+lzs",
            "clq+gptq+lowrank+budget+lzs", "rtn+twinlog", "clq+twinlog",
            "clq+twinlog+lowrank+budget", "rtn+dac", "clq+dac", "clq+gptq+lowrank+budget+dac",
-           "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq"]
+           "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq", "quarot+gptq+fisher",
+           "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 

@@ -125,6 +125,8 @@ def test_errors_name_the_problem(pixart, tmp_path) -> None:
             clq.quantize(lazy, calib, checkpoint=path, max_weight_bytes=bad)
     with pytest.raises(clq.ConfigError, match="needs checkpoint"):
         clq.quantize(model, calib, max_weight_bytes=10)
+    with pytest.raises(clq.ConfigError, match=r"hessian='fisher'.*checkpoint"):
+        clq.quantize(lazy, calib, checkpoint=path, weights="gptq", hessian="fisher")
     name = "transformer_blocks.1.ff.net.2.weight"
     save_file({k: v for k, v in state.items() if k != name}, tmp_path / "short.safetensors")
     with pytest.raises(clq.QuantizationError, match=name.replace(".", r"\.")):

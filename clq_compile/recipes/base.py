@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from clq_compile.budget import BUDGET_BITS
 from clq_compile.errors import ConfigError
+from clq_compile.fisher import HESSIANS
 from clq_compile.options import (
     boolean,
     choice,
@@ -43,6 +44,9 @@ class RecipeConfig:
     weights: str = option("rtn", choice("rtn", "gptq", "twinlog"))
     damp: float = option(0.01, real(0.0, 1.0, lo_open=True))
     act_order: bool = option(True, boolean)
+    # GPTQ's Hessian: the plain sum over calibration calls, or AdaTSQ's per-layer sum
+    # weighted by each call's Fisher sensitivity (clq_compile.fisher).
+    hessian: str = option("uniform", choice(*HESSIANS))
     # A rank-``lowrank`` float branch beside each quantized weight (SVDQuant's form).
     lowrank: int = option(0, integer(0))
     # Mixed precision: promote the most sensitive layers to ``budget_bits`` ("fp": full
@@ -66,6 +70,10 @@ class RecipeConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.hessian != "uniform" and self.weights != "gptq":
+            raise ConfigError(
+                f"option hessian={self.hessian!r} weights GPTQ's Hessian; it needs "
+                f"weights='gptq', got weights={self.weights!r}")
 
     @property
     def calibrates(self) -> bool:

@@ -1,5 +1,6 @@
 """The larger-than-memory path, measured: benchmarks/big_model.py on a model eight times
-its block, each mode in its own process, peak RSS from the kernel's high-water mark."""
+its block, each mode in its own process (the two side by side, one thread each), peak
+RSS from the kernel's high-water mark."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_planning_from_a_checkpoint_holds_about_one_block(tmp_path) -> None:
     out = tmp_path / "big.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH / "big_model.py"), "--config", "8x8", "--tokens-side", "4",
-         "--calls", "2", "--modes", "checkpoint", "loaded", "--out", str(out)],
+         "--calls", "2", "--modes", "checkpoint", "loaded", "--parallel", "--threads", "1",
+         "--out", str(out)],
         cwd=BENCH, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

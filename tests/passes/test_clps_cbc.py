@@ -6,14 +6,10 @@ from torch import nn
 
 import clq_compile as clq
 from clq_compile.annotations import layer_names
-from clq_compile.api import capture_calls
-from clq_compile.build import analyze
 from clq_compile.calibration import flatten_calls
 from clq_compile.cbc import calibrate_blockwise
 from clq_compile.ops import apply_prologue, transform_reference
-from clq_compile.recipes import resolve_recipe
-from clq_compile.runner import GraphRunner, PlanContext
-from clq_compile.spec import QuantSpec
+from clq_compile.testing import plan_context
 from tests.passes.toy import ToyDiT, toy_inputs
 
 D = 32
@@ -57,19 +53,12 @@ def test_clps_picks_the_planted_worst_downstream_layer():
     assert plan.layers["b"].target == "b"  # nothing downstream: its own output
 
 
-def _ctx(model, calls, spec=None):
-    spec = spec or QuantSpec(4, 4)
-    graphs, calls = capture_calls(model, calls)
-    gm = analyze(graphs[0].gm, spec, resolve_recipe("rtn"))
-    return PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
-
-
 def _block_inputs(prefix):
     """Absmax of the input of each block's first attention, as CBC saw it."""
     torch.manual_seed(0)
     model = ToyDiT(depth=3).eval()
     calls = [toy_inputs(seed=s) for s in range(2)]
-    ctx = _ctx(model, calls)
+    ctx = plan_context(model, calls)
     plan = ctx.base_plan("rtn")
     seen = {}
 
