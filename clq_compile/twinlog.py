@@ -27,6 +27,11 @@ from clq_compile.digest import content_key
 from clq_compile.errors import QuantizationError
 from clq_compile.quant import pack_int4, unpack_int4
 
+# Tables are stored in float16 (32 bytes a row instead of 64): its 2^-11 relative rounding
+# is far below a 4-bit grid step, and the search rounds the levels it tries to what the
+# table will hold, so the codes are the nearest of the stored values. A row beyond
+# float16's range keeps a float32 table.
+TABLE_DTYPE = torch.float16
 ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999)
 OP_BITS = 4  # what clq.quant_linear's w_format "twinlog" stores
@@ -45,7 +50,7 @@ class TwinLog:
     bits: int
 
     def dequantize(self) -> torch.Tensor:
-        return self.table.gather(1, self.codes.long())
+        return self.table.float().gather(1, self.codes.long())
 
 
 @dataclass
@@ -107,7 +112,13 @@ def _levels(half: _Magnitudes, eta: float, pct: float, n: int) -> torch.Tensor:
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     step = (hi - lo).clamp(min=0.0) / (n - 1)
     idx = torch.arange(n, dtype=half.values.dtype)
-    return torch.exp2(lo[:, None] + idx * step[:, None]) - eta
+    return _stored(torch.exp2(lo[:, None] + idx * step[:, None]) - eta).to(half.values.dtype)
+
+
+def _stored(table: torch.Tensor) -> torch.Tensor:
+    """``table`` in the dtype it is kept in (TABLE_DTYPE where every value fits)."""
+    fits = bool(table.abs().max() <= torch.finfo(TABLE_DTYPE).max)
+    return table.to(TABLE_DTYPE if fits else torch.float32)
 
 
 def _nearest(mag: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -159,18 +170,18 @@ def twinlog_quantize(w: torch.Tensor, bits: int, etas=ETAS, percentiles=PERCENTI
         pos.keep_better(p, better)
         neg_half.keep_better(q, better)
     codes = torch.where(neg, neg_half.idx + n, pos.idx).to(torch.uint8)
-    table = torch.cat([pos.levels, -neg_half.levels], dim=1).float()
+    table = _stored(torch.cat([pos.levels, -neg_half.levels], dim=1))
     return TwinLog(codes, table, pos.eta.float(), pos.pct.float(), neg_half.pct.float(), bits)
 
 
 _MEMO: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_MEMO_SIZE = 64  # layers; codes + table are an eighth of a float32 weight's bytes
+_MEMO_SIZE = 64  # layers; codes + table are about an eighth of a float32 weight's bytes
 
 
 def twinlog_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float weight → the layout ``clq.quant_linear`` takes with ``w_format``
     "twinlog": the 4-bit codes less 8, packed as int4 (N, K/2) like integer weights,
-    and the per-row table (N, 16) float32 in the place of the scales.
+    and the per-row table (N, 16) (float16, see TABLE_DTYPE) in the place of the scales.
 
     The search is the costly part of planning with twin-log weights, and calibration
     packs the same weight several times (CBC, CLPS probes, the rewrite), so results are

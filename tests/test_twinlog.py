@@ -33,6 +33,23 @@ def test_codes_table_and_signs() -> None:
     assert torch.equal(twinlog_quantize(w, 4).codes, tl.codes)  # deterministic
 
 
+def test_tables_are_float16_and_codes_pick_the_nearest_stored_value() -> None:
+    """The table is kept in float16 and the search rounds its levels first, so each code
+    decodes to the stored value of its half nearest to the weight (not a value that
+    was nearest only before rounding)."""
+    w = laplace(64, 1024, seed=3)  # enough weights that some sit by a rounded midpoint
+    tl = twinlog_quantize(w, 4)
+    assert tl.table.dtype == torch.float16
+    table = tl.table.double()
+    dist = (w.double()[:, :, None] - table[:, None, :]).abs()  # (N, K, 16)
+    same_half = (torch.arange(16) >= 8)[None, None, :] == (w < 0)[:, :, None]
+    nearest = torch.where(same_half, dist, torch.inf).amin(dim=2)
+    chosen = dist.gather(2, tl.codes.long()[:, :, None])[:, :, 0]
+    assert torch.equal(chosen, nearest)
+    huge = torch.tensor([[7e4, -1.0, 3.0, -2e5]])  # beyond float16: float32 table
+    assert twinlog_quantize(huge, 4).table.dtype == torch.float32
+
+
 def test_search_is_the_grid_minimum() -> None:
     """Per row, no (η, pct_pos, pct_neg) of the grid gives a smaller squared error than
     the chosen one (brute force over all 325 combinations, through the public API)."""

@@ -69,7 +69,8 @@ class PackedWeight:
 
 @dataclass(frozen=True)
 class TableWeight:
-    """Twin-log weight: codes (N, K) in [0, 16) and each row's table (N, 16) float32."""
+    """Twin-log weight: codes (N, K) in [0, 16) and each row's table (N, 16), widened to
+    float32 (exact) for the file."""
 
     name: str
     codes: np.ndarray  # uint8
