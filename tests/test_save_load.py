@@ -89,7 +89,7 @@ LOADER = textwrap.dedent("""
     import clq_compile as clq
 
     results = {}
-    for case in map(Path, sys.argv[1:]):
+    for case in sorted(Path(sys.argv[1]).iterdir()):
         tensors = load_file(str(case / "calls.safetensors"))
         expect = load_file(str(case / "expect.safetensors"))
         qm = clq.load(case / "model")
@@ -110,23 +110,12 @@ LOADER = textwrap.dedent("""
 """)
 
 
-def _load_in_fresh_process(root, cases):
-    """(process, its log path stem). Files, not pipes, so the child never blocks while
-    this process builds on."""
-    log = root / f"loader-{len(list(root.glob('loader-*.out')))}"
-    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", LOADER, *map(str, cases)],
-                                stdout=out, stderr=err, text=True)
-    return proc, log
-
-
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    """Quantize and save every case here and load them in fresh processes: the first
-    half's loader runs beside the building of the second half (two cores)."""
+    """Quantize and save every case here, load them all in one fresh process."""
     root = tmp_path_factory.mktemp("saved")
-    summaries, done, loaders = {}, [], []
-    for k, (name, recipe, bits) in enumerate(CASES):
+    summaries = {}
+    for name, recipe, bits in CASES:
         case = root / f"{name}-{recipe}-{bits}"
         case.mkdir()
         qm, tests = _build(name, recipe, bits)
@@ -136,17 +125,10 @@ def loaded(tmp_path_factory):
             save_file({str(j): qm(**c)[0].contiguous() for j, c in enumerate(tests)},
                       str(case / "expect.safetensors"))
         summaries[case.name] = (len(qm.graphs), clq.inspect(qm).splitlines()[-1])
-        done.append(case)
-        if k + 1 in (len(CASES) // 2, len(CASES)):
-            loaders.append(_load_in_fresh_process(root, done))
-            done = []
-    out = {"results": {}, "model_classes": []}
-    for proc, log in loaders:
-        code = proc.wait(timeout=1200)
-        assert code == 0, log.with_suffix(".err").read_text()[-3000:]
-        part = json.loads(log.with_suffix(".out").read_text().strip().splitlines()[-1])
-        out["results"].update(part["results"])
-        out["model_classes"] += part["model_classes"]
+    res = subprocess.run([sys.executable, "-c", LOADER, str(root)], capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
     return out, summaries
 
 
