@@ -64,6 +64,7 @@ def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int,
     stats: dict[int, GroupStats] = {}
     layers: list[str] = []
     sums: dict[int | str, Hessian] = {}
+    gram: dict[tuple[int, int], torch.Tensor] = {}  # the latest (group, call)'s xᵀx
     gen = torch.Generator().manual_seed(seg + 1)
 
     visited: set[tuple[int, int]] = set()
@@ -77,7 +78,12 @@ def _collect(ctx: PlanContext, plan: Plan, seg: int, envs, keep_tokens: int,
             layers.append(lp.name)
         x = args[0].detach().float().reshape(-1, args[0].shape[-1])
         if isinstance(hessians, dict):  # weighted per layer and call: each layer its own
-            sums.setdefault(lp.name, Hessian.empty(x.shape[-1])).add(x, float(hessians[lp.name][i]))
+            if (lp.group, i) not in gram:  # one xᵀx per shared input and call
+                gram.clear()
+                x64 = x.double()
+                gram[(lp.group, i)] = x64.T @ x64
+            sums.setdefault(lp.name, Hessian.empty(x.shape[-1])).add_weighted(
+                gram[(lp.group, i)], x.shape[0], float(hessians[lp.name][i]))
         if (lp.group, i) in visited:  # q/k/v read the same tensor: count it once
             return NotImplemented
         visited.add((lp.group, i))

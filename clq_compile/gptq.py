@@ -30,10 +30,16 @@ class Hessian:
     def empty(cls, k: int) -> Hessian:
         return cls(torch.zeros(k, k, dtype=torch.float64))
 
-    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
+    def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.sum.addmm_(x.T, x, alpha=weight)
+        self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
+
+    def add_weighted(self, gram: torch.Tensor, tokens: int, weight: float) -> None:
+        """Add ``weight·xᵀx`` from its precomputed ``gram`` = xᵀx (float64) of ``tokens``
+        rows: layers reading one input share the product, each with its own weight."""
+        self.sum.add_(gram, alpha=weight)
+        self.tokens += tokens
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)

@@ -29,8 +29,8 @@ from clq_compile.quant import pack_int4, unpack_int4
 
 # Tables are stored in float16 (32 bytes a row instead of 64): its 2^-11 relative rounding
 # is far below a 4-bit grid step, and the search rounds the levels it tries to what the
-# table will hold, so the codes are the nearest of the stored values. A row beyond
-# float16's range keeps a float32 table.
+# table will hold, so the codes are the nearest of the stored values. A weight with a
+# level beyond float16's range keeps a float32 table (the whole layer's).
 TABLE_DTYPE = torch.float16
 ETAS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 PERCENTILES = (0.98, 0.99, 0.999, 0.9999, 0.99999)
