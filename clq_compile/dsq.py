@@ -71,7 +71,7 @@ def dual_scale_quantize(w: torch.Tensor, bits: int, group: int = 0, clip: float 
         # folded exactly as the rewrite folds it (so the graph packs this very Q)
         qt = quantize(fold_weight(w, with_scale(tp, s_c)), bits, group, clip)
         a = qt.dequantize()
-        a = (a if rot is None else block_hadamard(a, rot.float().T)) * base
+        a = (a if rot is None else block_hadamard(a, rot.float().mT)) * base
         err = float(((a * s_c - wp).double() ** 2).sum())
         rtn = err if r == 0 else rtn
         if best is None or err < best.error:

@@ -42,13 +42,20 @@ def choose_block(k: int, preferred: int) -> tuple[int, str]:
 
 
 def block_hadamard(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Multiply each length-B block of the last dim of ``x`` by the B×B matrix ``rot``."""
-    b = rot.shape[0]
+    """Multiply each length-B block of the last dim of ``x`` by ``rot``: one B×B matrix
+    for every block, or (K/B, B, B), block j by its own ``rot[j]``."""
+    b = rot.shape[-1]
     k = x.shape[-1]
-    y = x.reshape(*x.shape[:-1], k // b, b) @ rot.to(x.dtype)
+    blocks = x.reshape(*x.shape[:-1], k // b, b)
+    if rot.dim() == 3:
+        y = torch.einsum("...nb,nbc->...nc", blocks, rot.to(x.dtype))
+    else:
+        y = blocks @ rot.to(x.dtype)
     return y.reshape(x.shape)
 
 
 def block_diag(rot: torch.Tensor, k: int) -> torch.Tensor:
-    """The full K×K block-diagonal matrix built from repeated ``rot`` blocks."""
+    """The full K×K block-diagonal matrix: ``rot`` repeated, or its K/B own blocks."""
+    if rot.dim() == 3:
+        return torch.block_diag(*rot.unbind(0))
     return torch.block_diag(*([rot] * (k // rot.shape[0])))

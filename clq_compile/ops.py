@@ -60,7 +60,8 @@ def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor
     """Online input transform x ↦ ((x[..., perm] * smooth) · blockdiag(rot)).
 
     ``perm`` is an int64 channel order, ``smooth`` a per-channel float scale (in permuted
-    order; SmoothQuant's 1/s, QuaRot's random signs), ``rot`` one B×B block repeated along K.
+    order; SmoothQuant's 1/s, QuaRot's random signs), ``rot`` one B×B block repeated along K
+    or (K/B, B, B), each run of B channels by its own block.
     Any of them may be None.
     """
     return transform_reference(x, perm, smooth, rot)

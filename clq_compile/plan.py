@@ -37,6 +37,8 @@ class TransformPlan:
     """One online input transform, shared by every linear reading the same tensor.
 
     x ↦ ((x[..., perm] * smooth) · blockdiag(rot)); the inverse is folded into weights.
+    ``rot`` is one B×B block repeated along K, or (K/B, B, B), a block of its own for
+    each run of B channels (the outlier-aware rotation of ``rotation="adaptive"``).
     """
 
     perm: torch.Tensor | None = None
@@ -48,7 +50,7 @@ class TransformPlan:
 
     @property
     def block(self) -> int:
-        return 0 if self.rot is None else int(self.rot.shape[0])
+        return 0 if self.rot is None else int(self.rot.shape[-1])
 
     def on(self, device: torch.device | str) -> TransformPlan:
         """This plan with its tensors on ``device`` (plans are built on the CPU from
@@ -70,7 +72,7 @@ class TransformPlan:
         if self.perm is not None:
             parts.append(f"perm:{self.order}")
         if self.rot is not None:
-            parts.append(f"B={self.block}")
+            parts.append(f"B={self.block}" + (" per-block" if self.rot.dim() == 3 else ""))
         return " ".join(parts)
 
 

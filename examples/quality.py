@@ -71,6 +71,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+gptq+fisher": ("clq", {"weights": "gptq", "hessian": "fisher"}),
     "clq+gptq+lowrank+budget+fisher": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.05,
                                                 "hessian": "fisher"}),
+    # issue 16: LRQ-DiT's adaptive rotation (Hadamard or outlier-aware, per shared input)
+    "clq+adaptive": ("clq", {"rotation": "adaptive"}),
+    "clq+gptq+lowrank+budget+adaptive": ("clq", {"weights": "gptq", "lowrank": 7,
+                                                  "budget": 0.05, "rotation": "adaptive"}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
@@ -78,7 +82,8 @@ OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+bu
            "clq+gptq+lowrank+budget+lzs", "rtn+twinlog", "clq+twinlog",
            "clq+twinlog+lowrank+budget", "rtn+dac", "clq+dac", "clq+gptq+lowrank+budget+dac",
            "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq", "quarot+gptq+fisher",
-           "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher"]
+           "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher", "clq+adaptive",
+           "clq+gptq+lowrank+budget+adaptive"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
@@ -92,7 +97,8 @@ def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, 
             "quantized_layers": len(qm.plan.quantized_layers()),
             "weight_bytes": qm.weight_bytes(), "fp_weight_bytes": qm.fp_weight_bytes,
             **{k: qm.plan.meta[k] for k in ("plan_s", "calib_peak_bytes", "clps_s",
-                                            "clps_probes") if k in qm.plan.meta},
+                                            "clps_probes", "rotations", "rotation_s")
+                                            if k in qm.plan.meta},
         }
         return qm
 

@@ -9,6 +9,7 @@ from clq_compile.hadamard import choose_block, hadamard
 from clq_compile.plan import TransformPlan
 
 ORDERS = ("none", "sorted", "zigzag")
+ROTATIONS = ("hadamard", "adaptive")
 
 
 def permutation(scores: torch.Tensor, order: str, block: int) -> torch.Tensor | None:
@@ -41,6 +42,56 @@ def obs_transform(scores: torch.Tensor, order: str, block: int) -> TransformPlan
     return TransformPlan(
         perm=permutation(scores, order, b), rot=hadamard(b), kind="obs", order=order, note=note
     )
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random n×n orthogonal matrix (float64): QR of a Gaussian, signs fixed."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def outlier_rotation(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+    """DuQuant's greedy rotation of one block, from its tokens ``x`` (T, B).
+
+    Step i: E swaps the channel holding the current peak |x| to the head, the Hadamard
+    (its first row is uniform) spreads that channel evenly over the block, and a seeded
+    random orthogonal Q mixes the other B-1 outputs: R_i = E·H·diag(1, Q). A step is kept
+    only if it lowers the block's peak |x·R|, so the result is never worse than the
+    identity it starts from; all ``steps`` are tried (a rejected Q may be followed by a
+    better one). float64 math, float32 result.
+    """
+    b = x.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    h = hadamard(b).double()
+    y = x.double()
+    r = torch.eye(b, dtype=torch.float64)
+    peak = float(y.abs().max())
+    for _ in range(steps):
+        d = int(y.abs().amax(dim=0).argmax())
+        swap = torch.eye(b, dtype=torch.float64)
+        swap[[0, d]] = swap[[d, 0]]
+        mix = torch.eye(b, dtype=torch.float64)
+        mix[1:, 1:] = random_orthogonal(b - 1, gen)
+        step = swap @ h @ mix
+        cand = y @ step
+        if float(cand.abs().max()) < peak:
+            r, y, peak = r @ step, cand, float(cand.abs().max())
+    return r.float()
+
+
+def outlier_transform(scores: torch.Tensor, tokens: torch.Tensor, order: str, block: int,
+                      steps: int, seed: int) -> TransformPlan:
+    """OBS's permutation, then each block of B channels by its own outlier-aware rotation
+    fitted to the calibration ``tokens`` (T, K) (LRQ-DiT's DuQuant branch, after the same
+    zigzag/sorted order OBS uses)."""
+    k = scores.numel()
+    b, note = choose_block(k, block)
+    perm = permutation(scores, order, b)
+    xs = tokens.float() if perm is None else tokens.float().index_select(-1, perm)
+    blocks = xs.reshape(-1, k // b, b)
+    rot = torch.stack([outlier_rotation(blocks[:, j], steps, seed * 65537 + j)
+                       for j in range(k // b)])
+    return TransformPlan(perm=perm, rot=rot, kind="obs-outlier", order=order, note=note)
 
 
 def smoothquant_transform(

@@ -40,6 +40,7 @@ def quantize_both(model, inputs, source, recipe="quarot", options=None, **lazy_o
 
 @pytest.mark.parametrize(("recipe", "options"), [
     ("quarot", {}), ("clq", {}),
+    ("clq", {"clps": False, "rotation": "adaptive", "rotation_steps": 4}),
     ("smoothquant", {"weights": "gptq", "lowrank": 4, "budget": 0.1}),
 ])
 def test_checkpoint_plan_and_output_are_those_of_the_loaded_model(pixart, recipe,

@@ -1,5 +1,7 @@
 """CLQ: CBC + OBS + CLPS (DESIGN.md §6). Every component is an option, so each can be
 ablated: ``cbc="none"``, ``obs=False``, ``order="sorted"``, ``clps=False``, ``a_group=128``.
+``rotation="adaptive"`` lets each shared input take LRQ-DiT's outlier-aware rotation
+instead of the Hadamard where it measures better (clq_compile.adaptive).
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
+from clq_compile.adaptive import choose_rotation
 from clq_compile.cbc import PREFIXES, BlockData, calibrate_blockwise
 from clq_compile.clps import SEARCHES, block_references, search_layer
+from clq_compile.errors import ConfigError
 from clq_compile.options import (
     boolean,
     choice,
@@ -20,7 +24,7 @@ from clq_compile.options import (
     power_of_two,
     ratio,
 )
-from clq_compile.passes.obs import ORDERS, obs_transform
+from clq_compile.passes.obs import ORDERS, ROTATIONS, obs_transform
 from clq_compile.plan import Plan
 from clq_compile.recipes import register_recipe
 from clq_compile.recipes.base import RecipeConfig
@@ -38,12 +42,28 @@ class CLQConfig(RecipeConfig):
     obs: bool = option(True, boolean)
     order: str = option("auto", choice("auto", *ORDERS))  # auto: zigzag per token, sorted per group
     block: int = option(128, power_of_two(2))  # Hadamard block B
+    # "adaptive": per shared input, the Hadamard or the outlier-aware rotation (greedy,
+    # ``rotation_steps`` steps a block), by measured output SQNR (clq_compile.adaptive)
+    rotation: str = option("hadamard", choice(*ROTATIONS))
+    rotation_steps: int = option(32, integer(1))
     percentile: float | None = option(None, optional(ratio))  # outlier score: None = max |x|
     clps: bool = option(True, boolean)
     w_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8), grid)
     a_grid: tuple[float, ...] = option((1.0, 0.95, 0.9, 0.85, 0.8, 0.7), grid)
     clps_samples: int = option(4, integer(1))
     clps_search: str = option("exact", choice(*SEARCHES))  # see clps.search_layer
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rotation != "hadamard" and not self.obs:
+            raise ConfigError(f"option rotation={self.rotation!r} chooses OBS's rotation; "
+                              "it needs obs=True, got obs=False")
+
+    @property
+    def keep_tokens(self) -> int:
+        """Calibration tokens kept per call (the percentile score and the adaptive
+        rotation read them)."""
+        return 256 if self.percentile is not None or self.rotation == "adaptive" else 0
 
     def resolved_order(self, a_group: int) -> str:
         if self.order != "auto":
@@ -56,6 +76,7 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
     plan = ctx.base_plan(config.name)
     cache: dict = {}
     clps_time = [0.0]
+    rotation_time = [0.0]
     probes: dict[str, int] = {}
     calls: dict[str, int] = {}  # calibration calls the probes ran
 
@@ -63,8 +84,14 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
         for g, st in block.stats.items():
             if config.obs and g not in plan.transforms:
                 order = config.resolved_order(ctx.spec.a_group)
-                plan.transforms[g] = obs_transform(st.score(config.percentile), order,
-                                                   config.block)
+                scores = st.score(config.percentile)
+                if config.rotation == "adaptive":
+                    t0 = time.perf_counter()
+                    plan.transforms[g] = choose_rotation(ctx, plan, g, st, scores, order,
+                                                         config.block, config.rotation_steps)
+                    rotation_time[0] += time.perf_counter() - t0
+                else:
+                    plan.transforms[g] = obs_transform(scores, order, config.block)
         for name in block.layers:
             lp = plan.layers[name]
             lp.outlier_score = float(block.stats[lp.group].absmax.max())
@@ -86,8 +113,12 @@ def plan_clq(ctx: PlanContext, config: CLQConfig) -> Plan:
             probes[name], calls[name] = r.probes, r.calls
         clps_time[0] += time.perf_counter() - t0
 
-    calibrate_blockwise(ctx, plan, decide, prefix=config.cbc, desc="clq", keep_tokens=(
-        256 if config.percentile is not None else 0))
+    calibrate_blockwise(ctx, plan, decide, prefix=config.cbc, desc="clq",
+                        keep_tokens=config.keep_tokens)
+    if config.rotation == "adaptive":
+        kinds = [tp.kind for tp in plan.transforms.values()]
+        plan.meta["rotations"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+        plan.meta["rotation_s"] = round(rotation_time[0], 3)
     plan.meta.update(clps_s=round(clps_time[0], 3), clps_probes=sum(probes.values()),
                      clps_probe_calls=sum(calls.values()))
     if ctx.shard.world > 1:

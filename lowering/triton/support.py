@@ -62,6 +62,10 @@ def plan_rows(
         raise Unsupported(f"smooth must be a vector of length {k}, got {tuple(smooth.shape)}")
     b = 0
     if rot is not None:
+        if rot.ndim == 3:
+            raise Unsupported(
+                f"per-block rotation {tuple(rot.shape)} (rotation='adaptive'): the kernels "
+                "load one B×B tile for every block of K")
         b = rot.shape[0]
         if rot.ndim != 2 or rot.shape[1] != b:
             raise Unsupported(f"rotation must be a square block, got {tuple(rot.shape)}")

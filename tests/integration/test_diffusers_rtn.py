@@ -80,3 +80,19 @@ def test_issue16_options_together(model_and_inputs, request):
     held_out = inputs(7)
     with torch.no_grad():
         assert sqnr(model(**held_out)[0], qm(**held_out)[0]) > FLOORS["w4a4"]
+
+
+def test_adaptive_rotation_every_architecture(model_and_inputs) -> None:
+    """clq's OBS with ``rotation="adaptive"`` (issue 16; CLPS off to keep it short): every
+    shared input took one of the two rotations, its note says which and why, and the
+    output clears the W4A4 floor (measured 27.7-38.3 dB with two calls, 0.2-1.0 dB above
+    the Hadamard-only plan on all five)."""
+    model, inputs = model_and_inputs
+    qm = clq.quantize(model, [inputs(0)], recipe="clq", bits="w4a4", clps=False,
+                      rotation="adaptive", rotation_steps=8, measure=False, extra_shapes=None)
+    kinds = [tp.kind for tp in qm.plan.transforms.values()]
+    assert kinds and set(kinds) <= {"obs", "obs-outlier"}
+    assert all("outlier-aware vs" in tp.note for tp in qm.plan.transforms.values())
+    held_out = inputs(7)
+    with torch.no_grad():
+        assert sqnr(model(**held_out)[0], qm(**held_out)[0]) > FLOORS["w4a4"]

@@ -35,8 +35,8 @@ class Case:
 
 @pytest.fixture(scope="session")
 def export_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Case]:
-    """``export_case(arch, bits, target, **rtn_options)``: quantized (RTN, calibrated and
-    exported at batch 2) once per session."""
+    """``export_case(arch, bits, target, **options)``: quantized (RTN unless ``recipe=``
+    says otherwise, calibrated and exported at batch 2) once per session."""
     root = tmp_path_factory.mktemp("onnx")
     quantized: dict[tuple, tuple] = {}
     cases: dict[tuple, Case] = {}
@@ -45,8 +45,9 @@ def export_case(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Case]
         qkey = (arch, bits, tuple(sorted(options.items())))
         if qkey not in quantized:
             model, inputs = TINY_MODELS[arch](batch=2)
-            qm = clq.quantize(model, [inputs(0), inputs(1)], recipe="rtn", bits=bits,
-                              measure=False, extra_shapes=None, **options)
+            opts = {"recipe": "rtn", **options}
+            qm = clq.quantize(model, [inputs(0), inputs(1)], bits=bits, measure=False,
+                              extra_shapes=None, **opts)
             quantized[qkey] = (qm, model, inputs)
         key = (*qkey, target)
         if key not in cases:

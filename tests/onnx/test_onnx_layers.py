@@ -22,6 +22,8 @@ import torch
 
 from clq_compile.lowering.onnx import export_onnx, ort_run, ort_session
 from clq_compile.ops import unpack_weight, weight_group
+from clq_compile.passes.obs import random_orthogonal
+from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, qrange, symmetric_scale
 from tests.onnx.onnx_probes import activation_probes, compare_activations, probed_session, rel_err
 from tests.onnx.onnx_tiny_layers import QLinear, as_qm
@@ -104,15 +106,26 @@ def test_tie_inputs_really_are_ties():
     assert (div != mul).any()
 
 
-def test_transform_lowering_within_float_bound(tmp_path):
-    """Gather and Mul are exact; the block Hadamard is a length-B float32 dot product, so
-    ORT and torch differ by at most 2γ_B·(|y|·|H|) elementwise."""
+def _per_block(rot_block: int, k: int) -> torch.Tensor:
+    """K/B different orthogonal blocks, as ``rotation="adaptive"`` makes them."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.stack([random_orthogonal(rot_block, gen).float()
+                        for _ in range(k // rot_block)])
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_transform_lowering_within_float_bound(tmp_path, per_block):
+    """Gather and Mul are exact; the block rotation is a length-B float32 dot product, so
+    ORT and torch differ by at most 2γ_B·(|y|·|R|) elementwise. A per-block rotation
+    (K/B, B, B) is one batched MatMul against its K/B blocks."""
 
     class Rotate(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             inner = QLinear(128, 8, 4, 4, rot_block=32)
             self.perm, self.smooth, self.rot = inner.perm, inner.smooth, inner.rot
+            if per_block:
+                self.rot = _per_block(32, 128)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.ops.clq.transform(x, self.perm, self.smooth, self.rot)
@@ -124,22 +137,30 @@ def test_transform_lowering_within_float_bound(tmp_path):
     got = torch.from_numpy(ort_run(ort_session(path), (x3,), {})[0])
     ref = module(x3)
     y = (x3[..., module.perm] * module.smooth).double()
-    b = module.rot.shape[0]
+    b = module.rot.shape[-1]
     gamma = b * U / (1 - b * U)
-    bound = 2 * gamma * (y.reshape(3, 5, -1, b).abs() @ module.rot.double().abs()).reshape(y.shape)
+    blocks = y.reshape(3, 5, -1, b).abs()
+    rot = module.rot.double().abs()
+    mag = torch.einsum("...nb,nbc->...nc", blocks, rot) if per_block else blocks @ rot
+    bound = 2 * gamma * mag.reshape(y.shape)
     assert ((got.double() - ref.double()).abs() <= bound).all()
+    assert sqnr(ref, got) > 100  # and not a zero bound met by chance
     matmul_consts = [
         tuple(n.inputs[1].const_value.shape) for n in ir.load(path).graph
         if n.op_type == "MatMul" and n.inputs[1].const_value is not None
     ]
-    assert matmul_consts == [(b, b)]  # one B×B block, never a dense K×K matrix
+    # the blocks as stored, never a dense K×K matrix
+    assert matmul_consts == [tuple(module.rot.shape)]
 
 
+@pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
-def test_rotated_layer_matches_reference(tmp_path, target):
+def test_rotated_layer_matches_reference(tmp_path, target, per_block):
     """transform → quant_linear: the rotation's float32 rounding can flip a code at a tie
     (see test_onnx_models for the argument); forced and flip checks as there."""
     module = QLinear(128, 48, 4, 4, a_group=32, rot_block=32)
+    if per_block:
+        module.rot = _per_block(32, 128)
     x = torch.randn(2, 7, 128)
     qm = as_qm(module, x)
     path = export_onnx(qm, tmp_path / "rotated.onnx", target=target)

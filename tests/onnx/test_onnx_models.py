@@ -167,3 +167,18 @@ def test_lowrank_branch_exports_and_matches_reference(export_case, target):
         return sum(n.op_type in ("MatMul", "Gemm") for n in ir.load(path).graph)
 
     assert matmuls(case.path) == matmuls(plain.path) + 2 * n_q
+
+
+def test_adaptive_rotation_exports_and_matches_reference(export_case):
+    """``rotation="adaptive"``: shared inputs that took the outlier-aware rotation carry a
+    (K/B, B, B) block stack, one batched MatMul each; the file matches the reference as
+    exactly as the plain model does."""
+    case = export_case("pixart", "w4a4", recipe="clq", clps=False, rotation="adaptive",
+                       rotation_steps=8)
+    stacks = [tuple(tp.rot.shape) for tp in case.qm.plan.transforms.values()
+              if tp.kind == "obs-outlier"]
+    assert stacks  # measured: 11 of 13 shared inputs on this model
+    consts = [tuple(n.inputs[1].const_value.shape) for n in ir.load(case.path).graph
+              if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    assert sorted(c for c in consts if len(c) == 3) == sorted(stacks)
+    assert_exact(case)

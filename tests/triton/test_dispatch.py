@@ -220,3 +220,22 @@ def test_twinlog_weights_fall_back_with_the_reason(device, caplog) -> None:
     assert "twinlog weights" in caplog.text
     expected = quant_linear_reference(x, w_q, table, None, 4, 4, 0, 1.0, w_format="twinlog")
     assert_equal(y.cpu(), expected, "twin-log fallback")
+
+
+def test_per_block_rotation_falls_back_with_the_reason(device, caplog) -> None:
+    """rotation="adaptive" gives each block of K its own matrix (K/B, B, B); the kernels
+    load one B×B tile for all blocks, so both ops run the reference, logged, same output."""
+    k, n = 128, 16
+    x = random_activation(5, k, torch.float32, seed=10)
+    gen = torch.Generator().manual_seed(10)
+    rot = torch.stack([torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
+                       for _ in range(k // 32)])
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=gen), 4)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                         4, 4, 0, 1.0, None, None, rot.to(device))
+        t = dispatch.transform_triton(x.to(device), None, None, rot.to(device))
+    assert caplog.text.count("per-block rotation (4, 32, 32)") == 2, caplog.text
+    assert_equal(y.cpu(), quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None,
+                                                 rot), "per-block fallback")
+    assert_equal(t.cpu(), transform_reference(x, None, None, rot), "per-block transform")
