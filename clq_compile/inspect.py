@@ -78,6 +78,12 @@ def summary(qm: Any) -> str:
     if gemms:
         line += (f"; run as {len(gemms)} quantized GEMMs, "
                  f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
+    if "rotations" in plan.meta:
+        stacks = [tp.rot for tp in plan.transforms.values()
+                  if tp.rot is not None and tp.rot.dim() == 3]
+        nbytes = sum(r.numel() * r.element_size() for r in stacks)
+        line += (f"; adaptive rotation: {len(stacks)} of {len(plan.transforms)} shared "
+                 f"inputs outlier-aware ({nbytes:,} B of per-block rotations)")
     notes = [plan.meta.get("coverage")]
     if "dac" in plan.meta:
         line += f"; DAC biases after {len(plan.dac)} norms"

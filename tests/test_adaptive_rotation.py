@@ -168,6 +168,9 @@ def test_end_to_end(adaptive_model, tmp_path) -> None:
             assert torch.equal(tp.rot, same.rot) and torch.equal(tp.perm, same.perm)
     text = clq.inspect(qm)
     assert "rotation outlier-aware" in text or "rotation hadamard" in text
+    stacks = [tp.rot for tp in qm.plan.transforms.values() if tp.kind == "obs-outlier"]
+    assert (f"adaptive rotation: {len(stacks)} of {len(kinds)} shared inputs outlier-aware "
+            f"({sum(r.numel() * 4 for r in stacks):,} B") in text
     # measured 30.5 dB adaptive vs 29.7 Hadamard (two calls, clps off); the floor is the
     # Hadamard plan less 1 dB (a wrong fold or a rotation not applied falls far below)
     assert held_out_sqnr(model, qm, inputs) > held_out_sqnr(model, base, inputs) - 1.0
