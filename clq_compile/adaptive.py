@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -26,21 +27,25 @@ from clq_compile.runner import PlanContext
 log = logging.getLogger(__name__)
 
 
-def group_sqnr(ctx: PlanContext, plan: Plan, group: int, tokens: torch.Tensor,
-               tp: TransformPlan) -> float:
-    """Output SQNR (dB) of the group's linears, weights and activations quantized as their
-    plans say (round to nearest, clips 1), over ``tokens`` (T, K), all layers pooled."""
-    signal = noise = 0.0
-    xt = apply_transform(tokens, tp)
+def group_sqnrs(ctx: PlanContext, plan: Plan, group: int, tokens: torch.Tensor,
+                candidates: Sequence[TransformPlan]) -> list[float]:
+    """Output SQNR (dB) of the group's linears under each candidate transform, weights and
+    activations quantized as their plans say (round to nearest, clips 1), over ``tokens``
+    (T, K), all layers pooled. Each weight is read and its reference computed once."""
+    signal = 0.0
+    noise = [0.0] * len(candidates)
+    moved = [apply_transform(tokens, tp) for tp in candidates]
     for lp in plan.quantized_layers():
         if lp.group != group:
             continue
         w = ctx.weight(lp.name).detach().float()
         ref = (tokens @ w.T).double()
-        out = quantized_linear(xt, pack_weight(w, lp, tp, w_clip=1.0), None, lp, a_clip=1.0)
         signal += float(ref.pow(2).sum())
-        noise += float((ref - out.double()).pow(2).sum())
-    return sqnr_db(signal, noise)
+        for i, (tp, xt) in enumerate(zip(candidates, moved, strict=True)):
+            out = quantized_linear(xt, pack_weight(w, lp, tp, w_clip=1.0), None, lp,
+                                   a_clip=1.0)
+            noise[i] += float((ref - out.double()).pow(2).sum())
+    return [sqnr_db(signal, n) for n in noise]
 
 
 def choose_rotation(ctx: PlanContext, plan: Plan, group: int, st: GroupStats,
@@ -52,9 +57,8 @@ def choose_rotation(ctx: PlanContext, plan: Plan, group: int, st: GroupStats,
                          "(calibrate_blockwise(keep_tokens=...))")
     tokens = torch.cat(st.samples).float()
     had = obs_transform(scores, order, block)
-    out = outlier_transform(scores, tokens, order, block, steps, seed=group)
-    h_db = group_sqnr(ctx, plan, group, tokens, had)
-    o_db = group_sqnr(ctx, plan, group, tokens, out)
+    out = outlier_transform(had, tokens, steps, seed=group)
+    h_db, o_db = group_sqnrs(ctx, plan, group, tokens, [had, out])
     am = st.absmax.float()
     fluct = float(am.max() / am.median().clamp(min=1e-12))
     pick, name = (out, "outlier-aware") if o_db > h_db else (had, "hadamard")

@@ -56,6 +56,15 @@ def lzs_threshold_row(k: int, group: int, clip: float = 1.0, seed: int = 5) -> t
     return codes
 
 
+def orthogonal_blocks(n: int, b: int, seed: int = 0) -> torch.Tensor:
+    """``n`` different Haar-random B×B orthogonal blocks (float32), a per-block rotation
+    (K/B, B, B) as ``rotation="adaptive"`` makes them, for tests of the ops and lowerings."""
+    from clq_compile.passes.obs import random_orthogonal
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([random_orthogonal(b, gen).float() for _ in range(n)])
+
+
 def _seeded(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)

@@ -3,6 +3,8 @@ Hadamard. Pure functions of calibration statistics; the rewrite applies the resu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from clq_compile.hadamard import choose_block, hadamard
@@ -74,24 +76,23 @@ def outlier_rotation(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         mix[1:, 1:] = random_orthogonal(b - 1, gen)
         step = swap @ h @ mix
         cand = y @ step
-        if float(cand.abs().max()) < peak:
-            r, y, peak = r @ step, cand, float(cand.abs().max())
+        cand_peak = float(cand.abs().max())
+        if cand_peak < peak:
+            r, y, peak = r @ step, cand, cand_peak
     return r.float()
 
 
-def outlier_transform(scores: torch.Tensor, tokens: torch.Tensor, order: str, block: int,
-                      steps: int, seed: int) -> TransformPlan:
-    """OBS's permutation, then each block of B channels by its own outlier-aware rotation
-    fitted to the calibration ``tokens`` (T, K) (LRQ-DiT's DuQuant branch, after the same
-    zigzag/sorted order OBS uses)."""
-    k = scores.numel()
-    b, note = choose_block(k, block)
-    perm = permutation(scores, order, b)
-    xs = tokens.float() if perm is None else tokens.float().index_select(-1, perm)
-    blocks = xs.reshape(-1, k // b, b)
+def outlier_transform(obs: TransformPlan, tokens: torch.Tensor, steps: int,
+                      seed: int) -> TransformPlan:
+    """``obs`` (OBS's transform) with its permutation and block size, each block of B
+    channels rotated by its own outlier-aware rotation fitted to the calibration
+    ``tokens`` (T, K) instead of the one Hadamard (LRQ-DiT's DuQuant branch)."""
+    b = obs.block
+    xs = tokens.float() if obs.perm is None else tokens.float().index_select(-1, obs.perm)
+    blocks = xs.reshape(-1, xs.shape[-1] // b, b)
     rot = torch.stack([outlier_rotation(blocks[:, j], steps, seed * 65537 + j)
-                       for j in range(k // b)])
-    return TransformPlan(perm=perm, rot=rot, kind="obs-outlier", order=order, note=note)
+                       for j in range(blocks.shape[1])])
+    return dataclasses.replace(obs, rot=rot, kind="obs-outlier")
 
 
 def smoothquant_transform(

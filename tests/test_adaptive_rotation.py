@@ -12,28 +12,23 @@ import pytest
 import torch
 
 import clq_compile as clq
-from clq_compile.adaptive import choose_rotation, group_sqnr
+from clq_compile.adaptive import choose_rotation, group_sqnrs
 from clq_compile.build import resolve
 from clq_compile.cbc import GroupStats
 from clq_compile.errors import ConfigError
 from clq_compile.hadamard import block_diag, block_hadamard
 from clq_compile.ops import transform_reference, unpack_weight
-from clq_compile.passes.obs import outlier_rotation, outlier_transform, random_orthogonal
+from clq_compile.passes.obs import obs_transform, outlier_rotation, outlier_transform
 from clq_compile.qlinear import fold_weight, sqnr
 from clq_compile.quant import dequantize, quantize_weight
-from clq_compile.testing import held_out_sqnr, plan_context, tiny_pixart
+from clq_compile.testing import held_out_sqnr, orthogonal_blocks, plan_context, tiny_pixart
 
 B = 32
 
 
-def _orthogonal_blocks(n: int, b: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.stack([random_orthogonal(b, gen).float() for _ in range(n)])
-
-
 def test_per_block_rotation_is_block_diagonal_product() -> None:
     """(K/B, B, B): block j by its own matrix, the same as the dense block-diagonal."""
-    rot = _orthogonal_blocks(4, B)
+    rot = orthogonal_blocks(4, B)
     x = torch.randn(3, 5, 4 * B, dtype=torch.float64)
     want = x @ block_diag(rot.double(), 4 * B)
     assert torch.allclose(block_hadamard(x, rot.double()), want, atol=1e-12)
@@ -44,8 +39,8 @@ def test_fold_keeps_the_product_with_per_block_rotations() -> None:
     """T(x)·fold(W)ᵀ = x·Wᵀ for an orthogonal per-block rotation (float32 rounding)."""
     k = 4 * B
     g = torch.Generator().manual_seed(1)
-    tp = outlier_transform(torch.rand(k, generator=g), torch.randn(64, k, generator=g),
-                           "zigzag", B, steps=8, seed=0)
+    tp = outlier_transform(obs_transform(torch.rand(k, generator=g), "zigzag", B),
+                           torch.randn(64, k, generator=g), steps=8, seed=0)
     assert tp.rot.shape == (4, B, B) and tp.block == B and "per-block" in tp.describe()
     x, w = torch.randn(7, k, generator=g), torch.randn(16, k, generator=g)
     got = transform_reference(x, tp.perm, None, tp.rot) @ fold_weight(w, tp).T
@@ -109,13 +104,13 @@ def test_choice_takes_the_measured_winner(pixart_ctx) -> None:
         ref = (x @ w.T).double()
         signal += float(ref.pow(2).sum())
         noise += float((ref - (x[:, tp.perm] @ w_hat.T).double()).pow(2).sum())
-    assert abs(group_sqnr(ctx, plan, group, x, tp) - 10 * torch.log10(
+    assert abs(group_sqnrs(ctx, plan, group, x, [tp])[0] - 10 * torch.log10(
         torch.tensor(signal / noise)).item()) < 1e-3
 
 
 def test_choice_is_consistent_with_its_statistics(pixart_ctx) -> None:
     """Gaussian tokens with a planted channel: whichever wins, the note's numbers say it
-    did, and they are group_sqnr's own."""
+    did, and they are group_sqnrs' own."""
     ctx, plan, group, layers = pixart_ctx
     k = layers[0].in_features
     g = torch.Generator().manual_seed(6)
@@ -125,7 +120,7 @@ def test_choice_is_consistent_with_its_statistics(pixart_ctx) -> None:
     tp = choose_rotation(ctx, plan, group, st, st.absmax, "zigzag", 128, 8)
     h, o = _db(tp.note, "Hadamard"), _db(tp.note, "outlier-aware")
     assert (tp.kind == "obs-outlier") == (o > h)
-    assert abs(group_sqnr(ctx, plan, group, x, tp) - max(h, o)) < 0.01
+    assert abs(group_sqnrs(ctx, plan, group, x, [tp])[0] - max(h, o)) < 0.01
     with pytest.raises(ValueError, match="token sample"):
         choose_rotation(ctx, plan, group, GroupStats(st.absmax), st.absmax, "zigzag", 128, 8)
 

@@ -22,9 +22,9 @@ import torch
 
 from clq_compile.lowering.onnx import export_onnx, ort_run, ort_session
 from clq_compile.ops import unpack_weight, weight_group
-from clq_compile.passes.obs import random_orthogonal
 from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, qrange, symmetric_scale
+from clq_compile.testing import orthogonal_blocks
 from tests.onnx.onnx_probes import activation_probes, compare_activations, probed_session, rel_err
 from tests.onnx.onnx_tiny_layers import QLinear, as_qm
 
@@ -106,13 +106,6 @@ def test_tie_inputs_really_are_ties():
     assert (div != mul).any()
 
 
-def _per_block(rot_block: int, k: int) -> torch.Tensor:
-    """K/B different orthogonal blocks, as ``rotation="adaptive"`` makes them."""
-    gen = torch.Generator().manual_seed(3)
-    return torch.stack([random_orthogonal(rot_block, gen).float()
-                        for _ in range(k // rot_block)])
-
-
 @pytest.mark.parametrize("per_block", [False, True])
 def test_transform_lowering_within_float_bound(tmp_path, per_block):
     """Gather and Mul are exact; the block rotation is a length-B float32 dot product, so
@@ -125,7 +118,7 @@ def test_transform_lowering_within_float_bound(tmp_path, per_block):
             inner = QLinear(128, 8, 4, 4, rot_block=32)
             self.perm, self.smooth, self.rot = inner.perm, inner.smooth, inner.rot
             if per_block:
-                self.rot = _per_block(32, 128)
+                self.rot = orthogonal_blocks(4, 32, seed=3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.ops.clq.transform(x, self.perm, self.smooth, self.rot)
@@ -160,7 +153,7 @@ def test_rotated_layer_matches_reference(tmp_path, target, per_block):
     (see test_onnx_models for the argument); forced and flip checks as there."""
     module = QLinear(128, 48, 4, 4, a_group=32, rot_block=32)
     if per_block:
-        module.rot = _per_block(32, 128)
+        module.rot = orthogonal_blocks(4, 32, seed=3)
     x = torch.randn(2, 7, 128)
     qm = as_qm(module, x)
     path = export_onnx(qm, tmp_path / "rotated.onnx", target=target)

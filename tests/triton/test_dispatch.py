@@ -15,6 +15,7 @@ from clq_compile.lzs import lzs_fake_quantize
 from clq_compile.ops import quant_linear_reference, transform_reference, unpack_weight
 from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, quantize_weight
+from clq_compile.testing import orthogonal_blocks
 from clq_compile.twinlog import twinlog_weight
 from tests.triton.helpers import (
     assert_equal,
@@ -227,10 +228,8 @@ def test_per_block_rotation_falls_back_with_the_reason(device, caplog) -> None:
     load one B×B tile for all blocks, so both ops run the reference, logged, same output."""
     k, n = 128, 16
     x = random_activation(5, k, torch.float32, seed=10)
-    gen = torch.Generator().manual_seed(10)
-    rot = torch.stack([torch.linalg.qr(torch.randn(32, 32, generator=gen))[0]
-                       for _ in range(k // 32)])
-    w_q, w_s = quantize_weight(torch.randn(n, k, generator=gen), 4)
+    rot = orthogonal_blocks(k // 32, 32, seed=10)
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(10)), 4)
     with caplog.at_level(logging.WARNING, logger=_LOGGER):
         y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
                                          4, 4, 0, 1.0, None, None, rot.to(device))
