@@ -11,6 +11,12 @@ if os.environ.get("CLQ_TRITON_TEST_DEVICE", "cpu") != "cuda":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist each worker is a process with torch's default of one thread per core;
+# N workers would then run N x cores threads and spin against each other. Share the cores.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
