@@ -118,6 +118,11 @@ def clq_backend(
             f"option {what} is solved from the weights once; the clq backend re-packs "
             "whatever weight arrives at call time, so it only rounds to nearest, without a "
             f"low-rank branch, DAC biases or DSQ scales: use clq.quantize(...) for {what}")
+    if config.timestep_bits is not None:
+        raise ConfigError(
+            f"option timestep_bits={config.timestep_bits} reads the timestep from the graph's "
+            "inputs, and a graph torch.compile hands the backend may not hold it beside the "
+            "blocks it drives (graph breaks split them): use clq.quantize(...) for it")
     for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
                         strict=True):
         if isinstance(ex, torch.Tensor):

@@ -36,6 +36,7 @@ from clq_compile.rounding import solve_gptq
 from clq_compile.runner import GraphRunner, PlanContext
 from clq_compile.shard import Shard
 from clq_compile.spec import QuantSpec, parse_bits
+from clq_compile.timestep_bits import assign_timestep_bits
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def build_plan(gm: fx.GraphModule, spec: QuantSpec, config: RecipeConfig,
         promote(ctx, plan, config.budget, config.budget_spec(spec))
     if config.weights == "gptq":
         solve_gptq(ctx, plan, config.damp, config.act_order, config.hessian)
+    if config.timestep_bits is not None:  # on the final weights; DAC then sees the policy
+        assign_timestep_bits(ctx, plan, config.timestep_bits)
     if config.dac:
         deviation_corrections(ctx, plan)
     t2 = time.perf_counter()

@@ -84,7 +84,16 @@ def summary(qm: Any) -> str:
         nbytes = sum(r.numel() * r.element_size() for r in stacks)
         line += (f"; adaptive rotation: {len(stacks)} of {len(plan.transforms)} shared "
                  f"inputs outlier-aware ({nbytes:,} B of per-block rotations)")
+    ts = plan.meta.get("timestep_bits")
+    if plan.timesteps is not None and ts is not None:
+        cells = plan.timesteps.a8
+        line += (f"; timestep bits: {ts['bits']:.2f} average activation bits (target "
+                 f"{ts['target']:g}), 8-bit in {int(cells.sum())} of {cells.numel()} "
+                 f"(timestep, block) cells, by timestep input {plan.timesteps.input!r}")
     notes = [plan.meta.get("coverage")]
+    if ts is not None and plan.timesteps is None:
+        notes.append(f"timestep_bits={ts['target']:g} found no block with 4-bit-activation "
+                     "layers: every layer stays at its planned bits")
     if "dac" in plan.meta:
         line += f"; DAC biases after {len(plan.dac)} norms"
         if not plan.dac:

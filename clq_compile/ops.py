@@ -31,6 +31,16 @@ def apply_prologue(x: Tensor, prologue: str | None) -> Tensor:
     return torch.nn.functional.gelu(x, approximate=PROLOGUES[prologue])
 
 
+def sample_mask(rows: Tensor, x: Tensor) -> Tensor:
+    """``rows`` (bool per sample, or one for all) shaped to broadcast against x's rows."""
+    n = rows.numel()
+    if rows.dim() > 1 or (n != 1 and (x.dim() < 2 or n != x.shape[0])):
+        raise ValueError(f"a8_rows of shape {tuple(rows.shape)} does not match an input of "
+                         f"shape {tuple(x.shape)}: expected one flag, or one per sample "
+                         "(dim 0)")
+    return rows.to(device=x.device, dtype=torch.bool).reshape(-1, *[1] * (x.dim() - 1))
+
+
 def weight_group(k: int, w_scale: Tensor) -> int:
     """Group size implied by a weight-scale tensor of shape (N, n_groups): 0 = per channel."""
     n_groups = w_scale.shape[-1]
@@ -87,6 +97,7 @@ def quant_linear_reference(
     prologue: str | None = None,
     a_format: str = "int",
     w_format: str = "int",
+    a8_rows: Tensor | None = None,
 ) -> Tensor:
     x = apply_prologue(x, prologue)
     if perm is not None or smooth is not None or rot is not None:
@@ -99,10 +110,16 @@ def quant_linear_reference(
     else:
         w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
     xf = x.float()
+    if a8_rows is not None and (a_format != "int" or a_bits >= 8):
+        raise ValueError(f"a8_rows raises integer activations below 8 bits to 8; got "
+                         f"a_bits={a_bits}, a_format={a_format!r}")
     if a_format == "lzs":
         xf = lzs_fake_quantize(xf, a_group, a_clip)
     elif a_format != "int":
         raise ValueError(f"a_format {a_format!r} not in {A_FORMATS}")
+    elif a8_rows is not None:
+        xf = torch.where(sample_mask(a8_rows, xf), fake_quantize(xf, 8, a_group, 1.0),
+                         fake_quantize(xf, a_bits, a_group, a_clip))
     elif a_bits < 16:
         xf = fake_quantize(xf, a_bits, a_group, a_clip)
     y = xf @ w.t()
@@ -127,6 +144,7 @@ def quant_linear(
     prologue: str | None = None,
     a_format: str = "int",
     w_format: str = "int",
+    a8_rows: Tensor | None = None,
 ) -> Tensor:
     """y = Q_a(T(P(x))) · Q_w(W)ᵀ + b with a dynamically quantized activation.
 
@@ -144,9 +162,12 @@ def quant_linear(
     (``clq_compile.lzs``, ``a_bits`` 4, ``a_group`` its group) instead of as integers.
     ``w_format`` "twinlog": ``w_q`` holds LRQ-DiT twin-log codes (less 8, packed int4)
     and ``w_scale`` each row's table of 16 values (``clq_compile.twinlog``).
+    ``a8_rows``: bool per sample (x's dim 0; one value: every sample): those samples'
+    activations are quantized to 8 bits at clip 1 instead (``timestep_bits``: the
+    precision a timestep's policy picks, as data, no branch per call).
     """
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  perm, smooth, rot, prologue, a_format, w_format)
+                                  perm, smooth, rot, prologue, a_format, w_format, a8_rows)
 
 
 @quant_linear.register_fake
@@ -165,5 +186,6 @@ def _(
     prologue: str | None = None,
     a_format: str = "int",
     w_format: str = "int",
+    a8_rows: Tensor | None = None,
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from clq_compile.annotations import after_attention, linear_info
-from clq_compile.plan import Plan
+from clq_compile.plan import LayerPlan, Plan
 from clq_compile.qlinear import PackedWeight, apply_transform, planned_weight, quantized_linear
 from clq_compile.runner import PlanContext
 
@@ -39,6 +39,20 @@ class PlanOverride:
         self.clips = clips or {}
         self.measure = measure
         self.cache = {} if cache is None else cache
+        self._rows: dict[int, torch.Tensor] = {}  # call -> its timestep policy rows
+
+    def a8_rows(self, lp: LayerPlan, i: int) -> torch.Tensor | None:
+        """The samples of calibration call ``i`` that the plan's timestep policy runs at
+        8-bit activations in ``lp`` (None: no policy for it). Every runner pass starts
+        from the whole calibration set, so ``i`` indexes ``ctx.flat_calib``."""
+        ts = self.plan.timesteps
+        col = None if ts is None else ts.column(lp)
+        if col is None:
+            return None
+        if i not in self._rows:
+            names = [p.name for p in self.ctx.runner.placeholders]
+            self._rows[i] = ts.rows(self.ctx.flat_calib[i][names.index(ts.input)])
+        return self._rows[i][:, col]
 
     def packed(self, name: str, w_clip: float) -> PackedWeight:
         lp = self.plan.layers[name]
@@ -62,7 +76,8 @@ class PlanOverride:
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
         out = quantized_linear(apply_transform(x, self.plan.transform_of(lp)),
-                               self.packed(lp.name, w_clip), bias, lp, a_clip)
+                               self.packed(lp.name, w_clip), bias, lp, a_clip,
+                               self.a8_rows(lp, i))
         if self.measure is not None:
             ref = torch.nn.functional.linear(x, args[1], bias).double()
             s = self.measure.setdefault(lp.name, [0.0, 0.0])

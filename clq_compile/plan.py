@@ -76,6 +76,38 @@ class TransformPlan:
         return " ".join(parts)
 
 
+def timestep_rows(t: torch.Tensor, times: torch.Tensor, a8: torch.Tensor) -> torch.Tensor:
+    """(samples, blocks) bool: the policy row of the calibrated timestep nearest each
+    sample's timestep (``t``: one per sample, or one for all). Plain tensor ops, so the
+    graph carries the choice as data (exported, lowered to ONNX)."""
+    t = t.reshape(-1).to(times.dtype)
+    return a8[(t.unsqueeze(-1) - times).abs().argmin(dim=-1)]
+
+
+@dataclass
+class TimestepPolicy:
+    """AdaTSQ's per-timestep, per-block activation precision (option ``timestep_bits``):
+    at calibrated timestep ``times[i]``, the 4-bit-activation layers of block
+    ``blocks[j]`` quantize activations to 8 bits where ``a8[i, j]``. At run time a call
+    takes the row of the calibrated timestep nearest its own (graph input ``input``)."""
+
+    input: str  # the placeholder holding the timestep
+    times: torch.Tensor  # (T,) float32
+    blocks: list[int]
+    a8: torch.Tensor  # (T, len(blocks)) bool
+
+    def column(self, lp: LayerPlan) -> int | None:
+        """The policy's column for ``lp``, or None when the policy leaves it alone."""
+        spec = lp.spec
+        if spec is None or spec.a_bits != 4 or spec.a_format != "int" or \
+                lp.block not in self.blocks:
+            return None
+        return self.blocks.index(lp.block)
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        return timestep_rows(t, self.times, self.a8)
+
+
 @dataclass
 class LayerPlan:
     name: str
@@ -115,6 +147,7 @@ class Plan:
     # DAC biases (float32, one per channel), each added after the norm that follows the
     # attention-output layer it is keyed by (option ``dac``, clq_compile.dac).
     dac: dict[str, torch.Tensor] = field(default_factory=dict)
+    timesteps: TimestepPolicy | None = None  # option ``timestep_bits`` (clq_compile.timestep_bits)
 
     def quantized_layers(self) -> list[LayerPlan]:
         return [lp for lp in self.layers.values() if lp.quantized]
@@ -166,9 +199,14 @@ class Plan:
                     tensors[f"plan.w.{name}.{k}"] = getattr(pw, k).contiguous()
         for name, bias in self.dac.items():
             tensors[f"plan.dac.{name}"] = bias.detach().contiguous()
+        ts = self.timesteps
+        if ts is not None:
+            tensors["plan.timesteps.times"] = ts.times.contiguous()
+            tensors["plan.timesteps.a8"] = ts.a8.contiguous()
         state = {"recipe": self.recipe, "spec": dataclasses.asdict(self.spec),
                  "layers": layers, "transforms": transforms, "weights": list(self.weights),
                  "dac": list(self.dac),
+                 "timesteps": None if ts is None else {"input": ts.input, "blocks": ts.blocks},
                  "meta": json.loads(json.dumps(self.meta, default=str))}
         return state, tensors
 
@@ -189,4 +227,8 @@ class Plan:
             plan.weights[name] = PackedWeight(
                 *(tensors.get(f"plan.w.{name}.{k}") for k in ("w_q", "w_scale", "up", "down")))
         plan.dac = {name: tensors[f"plan.dac.{name}"] for name in state.get("dac", [])}
+        ts = state.get("timesteps")
+        if ts is not None:
+            plan.timesteps = TimestepPolicy(ts["input"], tensors["plan.timesteps.times"],
+                                            list(ts["blocks"]), tensors["plan.timesteps.a8"])
         return plan

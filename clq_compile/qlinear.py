@@ -82,12 +82,15 @@ def quantized_linear(
     bias: torch.Tensor | None,
     lp: LayerPlan,
     a_clip: float | None = None,
+    a8_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x`` must already be transformed (see :func:`apply_transform`)."""
+    """``x`` must already be transformed (see :func:`apply_transform`). ``a8_rows``: the
+    samples a timestep policy runs at 8-bit activations (``clq.quant_linear``'s)."""
     spec = lp.spec
+    rows = {} if a8_rows is None else {"a8_rows": a8_rows}
     out = torch.ops.clq.quant_linear(
         x, packed.w_q, packed.w_scale, bias, spec.w_bits, spec.a_bits, spec.a_group,
-        float(lp.a_clip if a_clip is None else a_clip), **spec.op_kwargs,
+        float(lp.a_clip if a_clip is None else a_clip), **spec.op_kwargs, **rows,
     )
     if packed.up is not None:
         out = out + lowrank_reference(x, packed.up, packed.down)

@@ -75,6 +75,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+adaptive": ("clq", {"rotation": "adaptive"}),
     "clq+gptq+lowrank+budget+adaptive": ("clq", {"weights": "gptq", "lowrank": 7,
                                                   "budget": 0.05, "rotation": "adaptive"}),
+    # issue 16: AdaTSQ's per-timestep, per-block activation bits (4 or 8), average 6 / 5
+    "rtn+timestep6": ("rtn", {"timestep_bits": 6.0}),
+    "clq+timestep6": ("clq", {"timestep_bits": 6.0}),
+    # the same 6-bit average spent statically: half the weights at A8 at every timestep
+    "clq+budget50": ("clq", {"budget": 0.5}),
+    "clq+timestep5": ("clq", {"timestep_bits": 5.0}),
+    "clq+gptq+lowrank+budget+timestep6": ("clq", {"weights": "gptq", "lowrank": 7,
+                                                   "budget": 0.05, "timestep_bits": 6.0}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
@@ -83,7 +91,8 @@ OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+bu
            "clq+twinlog+lowrank+budget", "rtn+dac", "clq+dac", "clq+gptq+lowrank+budget+dac",
            "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq", "quarot+gptq+fisher",
            "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher", "clq+adaptive",
-           "clq+gptq+lowrank+budget+adaptive"]
+           "clq+gptq+lowrank+budget+adaptive", "rtn+timestep6", "clq+timestep6",
+           "clq+timestep5", "clq+budget50", "clq+gptq+lowrank+budget+timestep6"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
@@ -97,7 +106,8 @@ def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, 
             "quantized_layers": len(qm.plan.quantized_layers()),
             "weight_bytes": qm.weight_bytes(), "fp_weight_bytes": qm.fp_weight_bytes,
             **{k: qm.plan.meta[k] for k in ("plan_s", "calib_peak_bytes", "clps_s",
-                                            "clps_probes", "rotations", "rotation_s")
+                                            "clps_probes", "rotations", "rotation_s",
+                                            "timestep_bits")
                                             if k in qm.plan.meta},
         }
         return qm

@@ -20,7 +20,7 @@ from clq_compile.annotations import LAYERS_KEY, annotated_linears, layer_names, 
 from clq_compile.digest import content_key
 from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.infra import GraphPass, PassResult
-from clq_compile.plan import LayerPlan, Plan, TransformPlan
+from clq_compile.plan import LayerPlan, Plan, TimestepPolicy, TransformPlan, timestep_rows
 from clq_compile.qlinear import fold_weight, planned_weight
 from clq_compile.weight_cache import WeightPacker
 
@@ -63,6 +63,25 @@ def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp: TransformP
     return t
 
 
+def _insert_policy_rows(gm: fx.GraphModule, policy: TimestepPolicy) -> fx.Node:
+    """The timestep policy's rows for this call's samples, (samples, blocks) bool, computed
+    once after the placeholders from the timestep input (``timestep_rows``: tensor ops)."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    t = next((p for p in placeholders if p.name == policy.input), None)
+    if t is None:
+        raise ValueError(f"the plan's timestep policy reads graph input {policy.input!r}; "
+                         f"this graph's inputs are {[p.name for p in placeholders]}")
+    val = t.meta.get("val")
+    device = val.device if isinstance(val, torch.Tensor) else "cpu"
+    with graph.inserting_after(placeholders[-1]):
+        rows = graph.call_function(timestep_rows, (t, None, None))
+    with graph.inserting_before(rows):
+        rows.args = (t, _const(gm, "clq_timestep_times", policy.times.to(device)),
+                     _const(gm, "clq_timestep_a8", policy.a8.to(device)))
+    return rows
+
+
 def _getitem(t: tuple, i: int) -> torch.Tensor:
     return t[i]
 
@@ -75,6 +94,7 @@ WeightSource = Callable[[fx.GraphModule, fx.Node, Plan, LayerPlan],
 LINEAR = torch.ops.aten.linear.default
 ADD = torch.ops.aten.add.Tensor
 TO_COPY = torch.ops.aten._to_copy.default
+SELECT = torch.ops.aten.select.int
 
 
 def packed_constants(gm: fx.GraphModule, node: fx.Node, plan: Plan,
@@ -129,6 +149,9 @@ class RewriteLinears(GraphPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
         transformed: dict[int, fx.Node] = {}
+        policy = self.plan.timesteps
+        rows: fx.Node | None = None  # the policy's (samples, blocks) flags
+        columns: dict[int, fx.Node] = {}  # policy column -> its (samples,) flags
         modified = False
         for node in annotated_linears(gm):
             lp = self.plan.layers.get(linear_info(node).name)
@@ -150,11 +173,18 @@ class RewriteLinears(GraphPass):
                     modified = True
                     continue
                 w_q, w_s, branch = WEIGHT_SOURCES[self.weights](gm, node, self.plan, lp)
-                spec = lp.spec
+                spec, kwargs = lp.spec, dict(lp.spec.op_kwargs)
+                col = None if policy is None else policy.column(lp)
+                if col is not None:
+                    if col not in columns:
+                        rows = rows or _insert_policy_rows(gm, policy)
+                        with graph.inserting_after(rows):
+                            columns[col] = graph.call_function(SELECT, (rows, 1, col))
+                    kwargs["a8_rows"] = columns[col]
                 new = graph.call_function(
                     QUANT_LINEAR,
                     (x, w_q, w_s, bias, spec.w_bits, spec.a_bits, spec.a_group, float(lp.a_clip)),
-                    spec.op_kwargs,
+                    kwargs,
                 )
                 new.meta.update(node.meta)  # the layer's annotations stay on its quant_linear
                 new.meta[LAYERS_KEY] = [lp.name]

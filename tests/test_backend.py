@@ -277,6 +277,7 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
     ({"weights": "twinlog"}, "weights='twinlog' is solved from the weights once"),
     ({"dac": True}, "dac=True is solved from the weights once"),
     ({"dsq": True}, "dsq=True is solved from the weights once"),
+    ({"timestep_bits": 6.0}, "timestep_bits=6.0 reads the timestep"),
 ])
 def test_backend_options_are_checked(options, match):
     model, inputs = tiny_pixart()

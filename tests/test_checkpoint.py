@@ -41,7 +41,7 @@ def quantize_both(model, inputs, source, recipe="quarot", options=None, **lazy_o
 @pytest.mark.parametrize(("recipe", "options"), [
     ("quarot", {}), ("clq", {}),
     ("clq", {"clps": False, "rotation": "adaptive", "rotation_steps": 4}),
-    ("smoothquant", {"weights": "gptq", "lowrank": 4, "budget": 0.1}),
+    ("smoothquant", {"weights": "gptq", "lowrank": 4, "budget": 0.1, "timestep_bits": 6.0}),
 ])
 def test_checkpoint_plan_and_output_are_those_of_the_loaded_model(pixart, recipe,
                                                                   options) -> None:
@@ -59,6 +59,8 @@ def test_checkpoint_plan_and_output_are_those_of_the_loaded_model(pixart, recipe
         assert all(t.device.type != "meta" for t in gm.state_dict().values())
     stats = q_lazy.plan.meta["checkpoint"]
     assert stats["peak_kept_bytes"] <= stats["capacity"]
+    if "timestep_bits" in options:  # the policy searched from the checkpoint is the same
+        assert torch.equal(q_ref.plan.timesteps.a8, q_lazy.plan.timesteps.a8)
 
 
 def test_sharded_folder_and_no_cache(pixart, tmp_path) -> None:

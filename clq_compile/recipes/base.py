@@ -17,6 +17,7 @@ from clq_compile.options import (
     integer,
     names,
     option,
+    optional,
     real,
     validate_fields,
 )
@@ -66,6 +67,9 @@ class RecipeConfig:
     # ``dsq_iters`` alternating rounds (the error still fell at 32 on the shapes DiT).
     dsq: bool = option(False, boolean)
     dsq_iters: int = option(32, integer(1))
+    # AdaTSQ's timestep-aware precision: an average activation bit-width in [4, 8]; per
+    # calibrated timestep and block, 4- or 8-bit activations (clq_compile.timestep_bits).
+    timestep_bits: float | None = option(None, optional(real(4.0, 8.0)))
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -78,7 +82,8 @@ class RecipeConfig:
     @property
     def calibrates(self) -> bool:
         """Whether planning needs calibration data (the recipe's or the rounding's)."""
-        return self.needs_calibration or self.weights != "rtn" or self.budget > 0 or self.dac
+        return self.needs_calibration or self.weights != "rtn" or self.budget > 0 or \
+            self.dac or self.timestep_bits is not None
 
     def spec_for(self, bits: QuantSpec) -> QuantSpec:
         """``bits`` with this config's group sizes; an activation group with weight-only
@@ -97,6 +102,11 @@ class RecipeConfig:
                     "option dsq=True fits input-channel scales to integer weight rounding; "
                     "weights='twinlog' codes weights on its own grid: use one of them")
             spec = dataclasses.replace(spec, w_format="twinlog")
+        if self.timestep_bits is not None and (spec.a_bits != 4 or spec.a_format != "int"):
+            raise ConfigError(
+                f"option timestep_bits={self.timestep_bits} chooses 4- or 8-bit integer "
+                f"activations per timestep: it needs bits with 4-bit integer activations "
+                f"(e.g. 'w4a4'), got {spec.name!r}")
         if spec.a_bits == 16 and spec.a_group:
             raise ConfigError(
                 f"option a_group={spec.a_group} has no effect with weight-only bits "

@@ -21,7 +21,14 @@ from onnxscript import opset21 as op
 from clq_compile.ops import PROLOGUES, unpack_weight, weight_group
 from clq_compile.spec import A_FORMATS, W_FORMATS
 
-from .activation import cast_like, lzs_fake_quantize, rank_of, to_float
+from .activation import (
+    cast_like,
+    const,
+    fake_quantize,
+    lzs_fake_quantize,
+    rank_of,
+    to_float,
+)
 from .errors import OnnxExportError
 from .transform import transform
 
@@ -203,6 +210,7 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
         prologue: str | None = None,
         a_format: str = "int",
         w_format: str = "int",
+        a8_rows: ir.Value | None = None,
     ) -> ir.Value:
         if prologue is not None:  # the producer's GELU, fused into the op
             x = _like(op.Gelu(x, approximate=PROLOGUES[prologue]), x)
@@ -220,6 +228,12 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
             rank = rank_of(x)
             xq = cast_like(lzs_fake_quantize(to_float(x), rank, w.k, a_group, a_clip), x)
             return target(_like(xq, x), w, bias, 16, 0, 1.0)
+        if a8_rows is not None:  # per-sample width: both quantizers, Where, weight-only form
+            rank, xf = rank_of(x), to_float(x)
+            mask = op.Reshape(a8_rows, const([-1] + [1] * (rank - 1), np.int64))
+            xq = op.Where(mask, fake_quantize(xf, rank, w.k, 8, a_group, 1.0),
+                          fake_quantize(xf, rank, w.k, a_bits, a_group, a_clip))
+            return target(_like(cast_like(xq, x), x), w, bias, 16, 0, 1.0)
         return target(x, w, bias, a_bits, a_group, a_clip)
 
     return quant_linear

@@ -107,6 +107,7 @@ def quant_linear_triton(
     prologue: str | None = None,
     a_format: str = "int",
     w_format: str = "int",
+    a8_rows: Tensor | None = None,
     route: str | None = None,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels: transform and quantize x per token/group (one
@@ -114,12 +115,16 @@ def quant_linear_triton(
     benchmarks); output in x's dtype."""
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
            a_bits, a_group, perm is not None, smooth is not None,
-           None if rot is None else tuple(rot.shape), prologue, a_format, w_format)
+           None if rot is None else tuple(rot.shape), prologue, a_format, w_format,
+           a8_rows is not None)
     transform = (perm, smooth, rot)
     reason = _device_reason(x)
     if not reason:
         try:
             with _on_device(x):
+                if a8_rows is not None:
+                    raise Unsupported("per-sample activation bits (timestep_bits): the "
+                                      "kernels quantize every row to one width")
                 if w_format != "int":
                     raise Unsupported(f"{w_format} weights: the GEMMs take integer weights "
                                       "with scales, not a per-row table")
@@ -134,7 +139,7 @@ def quant_linear_triton(
             reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  *transform, prologue, a_format, w_format)
+                                  *transform, prologue, a_format, w_format, a8_rows)
 
 
 def _quant_linear(

@@ -43,14 +43,21 @@ def test_rtn_quality_and_node_count(model_and_inputs, bits):
 
 
 def test_dynamic_batch_and_fp_weights_dropped(model_and_inputs):
-    """One W4A4 quantize with DSQ (issue 16): another batch size runs (floor as W4A4
-    above), the quantized layers' float weights are gone, inspect lists every layer, and
-    every MLP down-projection carries DSQ's scales in its transform."""
+    """One W4A4 quantize with DSQ and a timestep policy (issue 16): another batch size
+    runs (floor as W4A4 above; each of its samples picks its timestep's row), the
+    quantized layers' float weights are gone, inspect lists every layer, every MLP
+    down-projection carries DSQ's scales in its transform, and every block's layers read
+    the policy's per-sample flags, within the average asked for."""
     model, inputs = model_and_inputs
     qm = clq.quantize(model, [inputs(0)], recipe="rtn", bits="w4a4", measure=False,
-                      extra_shapes=None, dsq=True)
+                      extra_shapes=None, dsq=True, timestep_bits=6.0)
     downs = [lp for lp in qm.plan.quantized_layers() if lp.role == "mlp_down"]
     assert downs and all("dsq" in qm.plan.transform_of(lp).kind for lp in downs)
+    assert qm.plan.meta["timestep_bits"]["bits"] <= 6.0
+    in_blocks = {lp.name for lp in qm.plan.quantized_layers() if lp.block is not None}
+    flagged = {name for n in qm.graph_module.graph.nodes if "a8_rows" in n.kwargs
+               for name in layer_names(n)}
+    assert in_blocks and flagged == in_blocks
     x3 = inputs(5, b=3)
     with torch.no_grad():
         ref = model(**x3)[0]

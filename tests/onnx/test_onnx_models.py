@@ -46,7 +46,10 @@ from __future__ import annotations
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
+from clq_compile.lowering.onnx import ort_run, ort_session
+from clq_compile.qlinear import sqnr
 from tests.onnx.onnx_probes import act_key, assert_exact, quant_linears
 
 ARCHS = ["dit", "pixart", "sd3", "flux"]
@@ -182,3 +185,31 @@ def test_adaptive_rotation_exports_and_matches_reference(export_case):
               if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
     assert sorted(c for c in consts if len(c) == 3) == sorted(stacks)
     assert_exact(case)
+
+
+@pytest.mark.parametrize("target", ["qdq", "ort-cpu"])
+def test_timestep_policy_exports_and_follows_the_timestep(export_case, target):
+    """``timestep_bits``: the policy lookup (Sub, Abs, ArgMin, Gather) and a Where between
+    each layer's 8- and 4-bit quantizers are in the file. Samples at the two calibrated
+    timesteps with the most 8-bit blocks: ORT must sit 10 dB closer to the quantized
+    model than that is to the float one, and 10 dB closer to it than the all-4-bit model
+    is (a file that ignored the policy would match the latter). Tie flips can cascade
+    (see above), hence SQNR margins rather than assert_exact, whose probes expect one
+    quantizer per layer."""
+    case = export_case("pixart", "w4a4", target=target, timestep_bits=6.0)
+    plain = export_case("pixart", "w4a4", target=target)
+    policy = case.qm.plan.timesteps
+    busiest = policy.a8.sum(1).argsort(descending=True, stable=True)[:2]
+    inputs = case.inputs(7, 2)
+    inputs["timestep"] = policy.times[busiest].to(inputs["timestep"].dtype)
+    (got,) = ort_run(ort_session(case.path), (), inputs)
+    got = torch.from_numpy(got)
+    with torch.no_grad():
+        ref = case.qm(**inputs)[0]
+        fp = case.model(**inputs)[0]
+        a4 = plain.qm(**inputs)[0]
+    assert sqnr(ref, got) > sqnr(fp, ref) + 10.0
+    assert sqnr(ref, got) > sqnr(ref, a4) + 10.0
+    ops = [n.op_type for n in ir.load(case.path).graph]
+    assert "ArgMin" in ops
+    assert ops.count("Where") >= len(policy.blocks)

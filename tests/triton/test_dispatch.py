@@ -238,3 +238,18 @@ def test_per_block_rotation_falls_back_with_the_reason(device, caplog) -> None:
     assert_equal(y.cpu(), quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None,
                                                  rot), "per-block fallback")
     assert_equal(t.cpu(), transform_reference(x, None, None, rot), "per-block transform")
+
+
+def test_per_sample_activation_bits_fall_back_with_the_reason(device, caplog) -> None:
+    """``timestep_bits`` gives each sample its own activation width (``a8_rows``); the
+    kernels quantize every row to one width, so the reference runs, logged, same output."""
+    k, n = 128, 16
+    x = random_activation(6, k, torch.float32, seed=11).reshape(2, 3, k)
+    rows = torch.tensor([True, False])
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(11)), 4)
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
+                                         4, 4, 0, 0.9, a8_rows=rows.to(device))
+    assert "per-sample activation bits" in caplog.text, caplog.text
+    assert_equal(y.cpu(), quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 0.9,
+                                                 a8_rows=rows), "per-sample widths fallback")
