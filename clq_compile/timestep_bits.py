@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.overrides import PlanOverride
-from clq_compile.plan import Plan, TimestepPolicy, timestep_rows
+from clq_compile.plan import LayerPlan, Plan, TimestepPolicy, timestep_rows
 from clq_compile.runner import PlanContext
 
 log = logging.getLogger(__name__)
@@ -153,17 +153,33 @@ class _Runs:
         return total / seen
 
 
-def assign_timestep_bits(ctx: PlanContext, plan: Plan, target: float) -> None:
-    """Set ``plan.timesteps``: the per-timestep, per-block policy with the least summed
-    end-to-end error whose average activation bits are at most ``target``."""
-    t0 = time.perf_counter()
-    node = find_timestep_input(ctx.gm, ctx.flat_calib)
+def _eligible(plan: Plan) -> tuple[list[LayerPlan], dict[int, int], int]:
+    """The 4-bit-activation layers, their weights per block, and their total weights."""
     layers = [lp for lp in plan.quantized_layers()
               if lp.spec.a_bits == 4 and lp.spec.a_format == "int"]
     blocks = sorted({lp.block for lp in layers if lp.block is not None})
     size = {b: sum(lp.in_features * lp.out_features for lp in layers if lp.block == b)
             for b in blocks}
-    total = sum(lp.in_features * lp.out_features for lp in layers)
+    return layers, size, sum(lp.in_features * lp.out_features for lp in layers)
+
+
+def average_bits(plan: Plan, t: torch.Tensor) -> float:
+    """The policy's average activation bits over the timesteps ``t`` (each alike; e.g. a
+    sampler's), weighted by the 4-bit-activation layers' weights."""
+    _, size, total = _eligible(plan)
+    policy = plan.timesteps
+    rows = policy.rows(t.float()).double()  # (steps, blocks)
+    per_block = torch.tensor([size[b] for b in policy.blocks], dtype=torch.float64)
+    return 4.0 + 4.0 * float((rows @ per_block).mean()) / total
+
+
+def assign_timestep_bits(ctx: PlanContext, plan: Plan, target: float) -> None:
+    """Set ``plan.timesteps``: the per-timestep, per-block policy with the least summed
+    end-to-end error whose average activation bits are at most ``target``."""
+    t0 = time.perf_counter()
+    node = find_timestep_input(ctx.gm, ctx.flat_calib)
+    layers, size, total = _eligible(plan)
+    blocks = sorted(size)
     if not blocks:
         log.warning("timestep_bits=%g: no block has 4-bit-activation layers; every layer "
                     "stays at its planned bits", target)
@@ -196,9 +212,8 @@ def assign_timestep_bits(ctx: PlanContext, plan: Plan, target: float) -> None:
     a8 = torch.zeros(n_t, n_b, dtype=torch.bool)
     for u, k in enumerate(picks):
         a8[u, order[u, :k]] = True
-    spent = sum(cost[u][k] for u, k in enumerate(picks))
-    bits = 4.0 + 4.0 * spent / (n_t * total)
     plan.timesteps = TimestepPolicy(node.name, runs.times, blocks, a8)
+    bits = average_bits(plan, runs.times)
     error = sum(options[u][k][1] for u, k in enumerate(picks))
     for lp in layers:
         col = plan.timesteps.column(lp)

@@ -22,6 +22,8 @@ import torch
 
 import clq_compile as clq
 from clq_compile.eval import CastTransformer, evaluate, load_judge, load_shapes_dit
+from clq_compile.eval.sampler import make_scheduler
+from clq_compile.timestep_bits import average_bits
 
 # name -> (recipe, options). Ablations switch off one clq component each.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -96,11 +98,15 @@ OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+bu
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
-def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, Any]):
+def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, Any],
+            steps: int):
     recipe, options = METHODS[name]
 
     def build(calib: list[dict[str, Any]]) -> clq.QuantizedModel:
         qm = clq.quantize(transformer, calib, recipe=recipe, bits=bits, **options)
+        if qm.plan.timesteps is not None:  # the average over the steps sampling runs
+            qm.plan.meta["timestep_bits"]["sampled_bits"] = round(average_bits(
+                qm.plan, make_scheduler(steps).timesteps), 4)
         meta[f"{name} {bits}"] = {
             "recipe": recipe, "options": options,
             "quantized_layers": len(qm.plan.quantized_layers()),
@@ -161,10 +167,11 @@ def main() -> None:
         methods[("bf16", "bf16")] = lambda calib: CastTransformer(transformer, torch.bfloat16)
     for bits in args.bits:
         for name in args.methods:
-            methods[(name, bits)] = factory(transformer, name, bits, meta)
+            methods[(name, bits)] = factory(transformer, name, bits, meta, args.steps)
     for bits in args.ablation_bits:
         for name in args.ablations:
-            methods.setdefault((name, bits), factory(transformer, name, bits, meta))
+            methods.setdefault((name, bits),
+                               factory(transformer, name, bits, meta, args.steps))
     if args.peers:
         from clq_compile.eval.peers import available_peers
 

@@ -20,7 +20,7 @@ from clq_compile.plan import TimestepPolicy, timestep_rows
 from clq_compile.quant import fake_quantize, quantize_weight
 from clq_compile.spec import QuantSpec
 from clq_compile.testing import TINY_MODELS, held_out_sqnr, plan_context
-from clq_compile.timestep_bits import find_timestep_input, pareto_beam
+from clq_compile.timestep_bits import average_bits, find_timestep_input, pareto_beam
 
 
 def _op(x, w_q, w_s, a_bits, a_clip, **kw):
@@ -164,6 +164,11 @@ def test_end_to_end_policy_within_its_average(pixart_policy, tmp_path):
     assert meta["error_a8"] <= meta["error"] <= meta["error_a4"]
     # the recorded bits are the policy's own average (every eligible layer is in a block)
     assert meta["bits"] == pytest.approx(4 + 4 * cells)
+    # at other timesteps (a sampler's), each takes its nearest calibrated row: above
+    # the highest, one of them exactly, below the lowest
+    near = policy.times[[0, 1, -1]] + torch.tensor([5.0, 0.0, -5.0])
+    rows = policy.a8[[0, 1, -1]].float()
+    assert average_bits(qm.plan, near) == pytest.approx(4 + 4 * rows.mean().item())
     assert held_out_sqnr(model, qm, inputs) > held_out_sqnr(model, plain, inputs)
     text = clq.inspect(qm)
     assert "timestep bits: " in text and "8-bit activations at" in text
