@@ -116,6 +116,8 @@ def factory(transformer: torch.nn.Module, name: str, bits: str, meta: dict[str, 
                                             "timestep_bits")
                                             if k in qm.plan.meta},
         }
+        if "budget" in qm.plan.meta:  # the fraction of the weights it promoted
+            meta[f"{name} {bits}"]["budget_spent"] = qm.plan.meta["budget"]["spent"]
         return qm
 
     return build
