@@ -177,7 +177,8 @@ class RewriteLinears(GraphPass):
                 col = None if policy is None else policy.column(lp)
                 if col is not None:
                     if col not in columns:
-                        rows = rows or _insert_policy_rows(gm, policy)
+                        if rows is None:
+                            rows = _insert_policy_rows(gm, policy)
                         with graph.inserting_after(rows):
                             columns[col] = graph.call_function(SELECT, (rows, 1, col))
                     kwargs["a8_rows"] = columns[col]
