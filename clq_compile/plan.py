@@ -84,6 +84,13 @@ def timestep_rows(t: torch.Tensor, times: torch.Tensor, a8: torch.Tensor) -> tor
     return a8[(t.unsqueeze(-1) - times).abs().argmin(dim=-1)]
 
 
+def a8_eligible(lp: LayerPlan) -> bool:
+    """Whether a timestep policy may raise ``lp`` to 8-bit activations: a quantized layer
+    with 4-bit integer activations (the widths ``clq::quant_linear``'s ``a8_rows`` picks
+    between)."""
+    return lp.spec is not None and lp.spec.a_bits == 4 and lp.spec.a_format == "int"
+
+
 @dataclass
 class TimestepPolicy:
     """AdaTSQ's per-timestep, per-block activation precision (option ``timestep_bits``):
@@ -98,9 +105,7 @@ class TimestepPolicy:
 
     def column(self, lp: LayerPlan) -> int | None:
         """The policy's column for ``lp``, or None when the policy leaves it alone."""
-        spec = lp.spec
-        if spec is None or spec.a_bits != 4 or spec.a_format != "int" or \
-                lp.block not in self.blocks:
+        if not a8_eligible(lp) or lp.block not in self.blocks:
             return None
         return self.blocks.index(lp.block)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.overrides import PlanOverride
-from clq_compile.plan import LayerPlan, Plan, TimestepPolicy, timestep_rows
+from clq_compile.plan import LayerPlan, Plan, TimestepPolicy, a8_eligible, timestep_rows
 from clq_compile.runner import PlanContext
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ class _Runs:
 
 def _eligible(plan: Plan) -> tuple[list[LayerPlan], dict[int, int], int]:
     """The 4-bit-activation layers, their weights per block, and their total weights."""
-    layers = [lp for lp in plan.quantized_layers()
-              if lp.spec.a_bits == 4 and lp.spec.a_format == "int"]
+    layers = [lp for lp in plan.quantized_layers() if a8_eligible(lp)]
     blocks = sorted({lp.block for lp in layers if lp.block is not None})
     size = {b: sum(lp.in_features * lp.out_features for lp in layers if lp.block == b)
             for b in blocks}
