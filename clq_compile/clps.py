@@ -9,6 +9,7 @@ window, then one probe up to ℓ_T per grid point, on ``samples`` calibration ca
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,40 +113,32 @@ def _call_errors(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> li
     return [float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out, strict=True)]
 
 
-def _trial_error(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
-                 ref: Sequence[torch.Tensor], den: float, target: fx.Node,
-                 clips: tuple[float, float], order: Sequence[int], bound: float,
-                 cache: dict | None, reuse: list[dict] | None) -> tuple[float | None, int]:
-    """``relative_error`` at ``target`` (``den``: ``_energy(ref)``) with ℓ at ``clips``,
-    call by call in ``order``; ``None`` as soon as the error already summed exceeds
-    ``bound`` (the sum only grows, so the trial cannot win). Returns (error or None,
-    calls run)."""
-    nums: dict[int, float] = {}
-    for i in order:
-        _, out = probe_layer(ctx, plan, name, seg, [envs[i]], cache,
-                             None if reuse is None else [reuse[i]], clips, [target])
-        nums[i] = _call_errors(ref[i:i + 1], out[target])[0]
-        if sum(nums.values()) / den > bound * (1 + 1e-9):  # margin: summation order
-            return None, len(nums)
-    return sum(nums[i] for i in range(len(ref))) / den, len(nums)  # relative_error's order
+class _Trial:
+    """One grid point's error at the target, summed over the calls run so far."""
+
+    def __init__(self, k: int, clips: tuple[float, float]) -> None:
+        self.k, self.clips = k, clips
+        self.nums: dict[int, float] = {}
+
+    def bound(self, den: float) -> float:
+        """A lower bound of its relative error (errors only add), below the exact sum by a
+        margin for the summation order."""
+        return sum(self.nums.values()) / den * (1 - 1e-9)
+
+    def error(self, n_calls: int, den: float) -> float:
+        return sum(self.nums[i] for i in range(n_calls)) / den  # relative_error's order
 
 
 SEARCHES = ("exact", "exhaustive")
 
 
-def _local_errors(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
-                  clips: Sequence[tuple[float, float]], cache: dict | None,
-                  reuse: list[dict]) -> list[float]:
-    """ℓ's own output error at each clip pair (ℓ alone, no downstream): a cheap guess at
-    which trials win, used only to try likely winners first."""
-    node = ctx.nodes[name]
-    fp = [r[node] for r in reuse]
-    out = []
-    for c in clips:
-        probe = PlanOverride(ctx, plan, only={name}, clips={name: c}, cache=cache)
-        got = ctx.runner.probe(envs, seg, {node}, probe, reuse=reuse, dirty={node})[node]
-        out.append(sum(_call_errors(fp, got)))
-    return out
+def _run_call(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
+              ref: Sequence[torch.Tensor], target: fx.Node, trial: _Trial, i: int,
+              cache: dict | None, reuse: list[dict] | None) -> None:
+    """Run ``trial`` on calibration call ``i``: ℓ at its clips, up to ``target``."""
+    _, out = probe_layer(ctx, plan, name, seg, [envs[i]], cache,
+                         None if reuse is None else [reuse[i]], trial.clips, [target])
+    trial.nums[i] = _call_errors(ref[i:i + 1], out[target])[0]
 
 
 def search_layer(
@@ -164,9 +157,10 @@ def search_layer(
     """The grid point with the least target error (the first in grid order among equals,
     (1, 1) before all). ``search``:
     - "exhaustive": every trial on every calibration call;
-    - "exact": the same choice, cheaper (branch and bound): trials run in the order of
-      ℓ's own output error (likely winners first), each stops once its error summed over
-      the calls so far (the worst calls first) exceeds the best so far.
+    - "exact": the same choice, cheaper (best first): each step runs one more call (the
+      worst calls first) of the trial whose error summed so far is least; a partial sum
+      bounds its trial's error from below, so the first trial to be least once complete
+      is the exhaustive choice, and trials that cannot win stop early.
     ``fp_refs``, ``reuse``: see :func:`block_references`."""
     watch, outs = probe_layer(ctx, plan, name, seg, envs, cache, reuse, (1.0, 1.0))
     errs = {n: relative_error(fp_refs[n], outs[n]) for n in watch}
@@ -179,20 +173,43 @@ def search_layer(
     a_values = tuple(a_grid) if spec.a_bits < 16 else (1.0,)
     w_values = tuple(w_grid) if spec.w_format == "int" else (1.0,)  # twin-log: own ranges
     grid = [(w, a) for w in w_values for a in a_values]
-    trials = [k for k, c in enumerate(grid) if c != (1.0, 1.0)]
-    if search == "exact" and reuse is not None and len(trials) > 1:
-        local = _local_errors(ctx, plan, name, seg, envs, [grid[k] for k in trials], cache,
-                              reuse)
-        trials = [k for _, k in sorted(zip(local, trials, strict=True))]
-    best = (errs[target], -1)  # (error, grid index); (1, 1) wins ties
-    probes, calls = 1, len(envs)
-    for k in trials:
-        bound = float("inf") if search == "exhaustive" else best[0]
-        e, n = _trial_error(ctx, plan, name, seg, envs, ref, den, target, grid[k], order,
-                            bound, cache, reuse)
-        probes, calls = probes + 1, calls + n
-        if e is not None and (e, k) < best:
-            best = (e, k)
+    trials = [_Trial(k, c) for k, c in enumerate(grid) if c != (1.0, 1.0)]
+    calls = len(envs)
+    if search == "exhaustive":
+        for t in trials:
+            for i in order:
+                _run_call(ctx, plan, name, seg, envs, ref, target, t, i, cache, reuse)
+        calls += len(trials) * len(envs)
+        best = min([(errs[target], -1)] + [(t.error(len(envs), den), t.k) for t in trials])
+    elif search == "exact":
+        best, calls = _best_first(ctx, plan, name, seg, envs, ref, den, target, trials,
+                                  (errs[target], -1), order, cache, reuse, calls)
+    else:
+        raise ValueError(f"search {search!r} not in {SEARCHES}")
     w_clip, a_clip = (1.0, 1.0) if best[1] < 0 else grid[best[1]]
     return SearchResult(linear_info(target).name, errs[target], best[0], w_clip, a_clip,
-                        probes, calls)
+                        1 + len(trials), calls)
+
+
+def _best_first(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
+                ref: Sequence[torch.Tensor], den: float, target: fx.Node,
+                trials: list[_Trial], base: tuple[float, int], order: Sequence[int],
+                cache: dict | None, reuse: list[dict] | None,
+                calls: int) -> tuple[tuple[float, int], int]:
+    """(least (error, grid index), calls run in all, ``calls`` included): trials are
+    keyed by (lower bound, grid index), complete ones by (error, grid index), (1, 1)
+    (``base``, complete) by index −1; the first complete key to come out is the least of
+    all exact keys, since no other trial's error is below its bound."""
+    heap = [base] + [(0.0, t.k) for t in trials]
+    by_k = {t.k: t for t in trials}
+    heapq.heapify(heap)
+    while True:
+        key = heapq.heappop(heap)
+        t = by_k.get(key[1])
+        if t is None or len(t.nums) == len(envs):
+            return key, calls
+        _run_call(ctx, plan, name, seg, envs, ref, target, t, order[len(t.nums)], cache,
+                  reuse)
+        calls += 1
+        done = len(t.nums) == len(envs)
+        heapq.heappush(heap, (t.error(len(envs), den) if done else t.bound(den), t.k))
