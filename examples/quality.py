@@ -85,6 +85,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq+timestep5": ("clq", {"timestep_bits": 5.0}),
     "clq+gptq+lowrank+budget+timestep6": ("clq", {"weights": "gptq", "lowrank": 7,
                                                    "budget": 0.05, "timestep_bits": 6.0}),
+    # issue 14: the best configuration with a larger budget (to W4A8: no extra weight bytes)
+    "clq+gptq+lowrank+budget10": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.1}),
+    "clq+gptq+lowrank+budget20": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.2}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
@@ -94,7 +97,8 @@ OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+bu
            "rtn+dsq", "clq+dsq", "clq+gptq+lowrank+budget+dsq", "quarot+gptq+fisher",
            "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher", "clq+adaptive",
            "clq+gptq+lowrank+budget+adaptive", "rtn+timestep6", "clq+timestep6",
-           "clq+timestep5", "clq+budget50", "clq+gptq+lowrank+budget+timestep6"]
+           "clq+timestep5", "clq+budget50", "clq+gptq+lowrank+budget+timestep6",
+           "clq+gptq+lowrank+budget10", "clq+gptq+lowrank+budget20"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
