@@ -174,19 +174,18 @@ def search_layer(
     w_values = tuple(w_grid) if spec.w_format == "int" else (1.0,)  # twin-log: own ranges
     grid = [(w, a) for w in w_values for a in a_values]
     trials = [_Trial(k, c) for k, c in enumerate(grid) if c != (1.0, 1.0)]
-    calls = len(envs)
     if search == "exhaustive":
         for t in trials:
             for i in order:
                 _run_call(ctx, plan, name, seg, envs, ref, target, t, i, cache, reuse)
-        calls += len(trials) * len(envs)
         best = min([(errs[target], -1)] + [(t.error(len(envs), den), t.k) for t in trials])
     elif search == "exact":
-        best, calls = _best_first(ctx, plan, name, seg, envs, ref, den, target, trials,
-                                  (errs[target], -1), order, cache, reuse, calls)
+        best = _best_first(ctx, plan, name, seg, envs, ref, den, target, trials,
+                           (errs[target], -1), order, cache, reuse)
     else:
         raise ValueError(f"search {search!r} not in {SEARCHES}")
     w_clip, a_clip = (1.0, 1.0) if best[1] < 0 else grid[best[1]]
+    calls = len(envs) + sum(len(t.nums) for t in trials)  # the (1, 1) probe's, then trials'
     return SearchResult(linear_info(target).name, errs[target], best[0], w_clip, a_clip,
                         1 + len(trials), calls)
 
@@ -194,9 +193,8 @@ def search_layer(
 def _best_first(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
                 ref: Sequence[torch.Tensor], den: float, target: fx.Node,
                 trials: list[_Trial], base: tuple[float, int], order: Sequence[int],
-                cache: dict | None, reuse: list[dict] | None,
-                calls: int) -> tuple[tuple[float, int], int]:
-    """(least (error, grid index), calls run in all, ``calls`` included): trials are
+                cache: dict | None, reuse: list[dict] | None) -> tuple[float, int]:
+    """The least (error, grid index), each trial's calls left in it: trials are
     keyed by (lower bound, grid index), complete ones by (error, grid index), (1, 1)
     (``base``, complete) by index −1; the first complete key to come out is the least of
     all exact keys, since no other trial's error is below its bound."""
@@ -207,9 +205,8 @@ def _best_first(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[di
         key = heapq.heappop(heap)
         t = by_k.get(key[1])
         if t is None or len(t.nums) == len(envs):
-            return key, calls
+            return key
         _run_call(ctx, plan, name, seg, envs, ref, target, t, order[len(t.nums)], cache,
                   reuse)
-        calls += 1
         done = len(t.nums) == len(envs)
         heapq.heappush(heap, (t.error(len(envs), den) if done else t.bound(den), t.k))
