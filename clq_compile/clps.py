@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -19,6 +19,7 @@ import torch.fx as fx
 from clq_compile.annotations import linear_info
 from clq_compile.overrides import PlanOverride
 from clq_compile.plan import Plan
+from clq_compile.qlinear import LinearMemo
 from clq_compile.runner import PlanContext
 
 
@@ -80,11 +81,12 @@ def probe_layer(
     reuse: list[dict] | None = None,
     clips: tuple[float, float] | None = None,
     targets: Sequence[fx.Node] | None = None,
+    memo: LinearMemo | None = None,
 ) -> tuple[list[fx.Node], dict[fx.Node, list[torch.Tensor]]]:
     """Outputs of ℓ's chain (or of ``targets``) per call with only ℓ quantized (at
     ``clips``, default the plan's): (the watched nodes in chain order, their outputs)."""
     probe = PlanOverride(ctx, plan, only={name}, clips={name: clips} if clips else None,
-                         cache=cache)
+                         cache=cache, memo=memo)
     watch = candidates(ctx, name) if targets is None else list(targets)
     outs = ctx.runner.probe(envs, seg, set(watch), probe, reuse=reuse,
                             dirty=downstream(ctx.nodes[name]))
@@ -132,12 +134,35 @@ class _Trial:
 SEARCHES = ("exact", "exhaustive")
 
 
-def _run_call(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
-              ref: Sequence[torch.Tensor], target: fx.Node, trial: _Trial, i: int,
-              cache: dict | None, reuse: list[dict] | None) -> None:
+@dataclass
+class _Layer:
+    """One layer's search: what each of its probes runs on. ``memo`` keeps the layer's
+    own transform, weights and quantized inputs across trials (their inputs are the
+    same tensors: only ℓ is quantized and the block's float values are reused)."""
+
+    ctx: PlanContext
+    plan: Plan
+    name: str
+    seg: int
+    envs: list[dict]
+    cache: dict | None
+    reuse: list[dict] | None
+    memo: LinearMemo = field(default_factory=LinearMemo)
+
+    def probe(self, clips: tuple[float, float], targets: Sequence[fx.Node] | None = None,
+              call: int | None = None) -> tuple[list[fx.Node], dict]:
+        """:func:`probe_layer` on every calibration call, or on ``call`` alone."""
+        envs, reuse = self.envs, self.reuse
+        if call is not None:
+            envs, reuse = [envs[call]], None if reuse is None else [reuse[call]]
+        return probe_layer(self.ctx, self.plan, self.name, self.seg, envs, self.cache, reuse,
+                           clips, targets, self.memo)
+
+
+def _run_call(layer: _Layer, ref: Sequence[torch.Tensor], target: fx.Node, trial: _Trial,
+              i: int) -> None:
     """Run ``trial`` on calibration call ``i``: ℓ at its clips, up to ``target``."""
-    _, out = probe_layer(ctx, plan, name, seg, [envs[i]], cache,
-                         None if reuse is None else [reuse[i]], trial.clips, [target])
+    _, out = layer.probe(trial.clips, [target], i)
     trial.nums[i] = _call_errors(ref[i:i + 1], out[target])[0]
 
 
@@ -162,7 +187,8 @@ def search_layer(
       bounds its trial's error from below, so the first trial to be least once complete
       is the exhaustive choice, and trials that cannot win stop early.
     ``fp_refs``, ``reuse``: see :func:`block_references`."""
-    watch, outs = probe_layer(ctx, plan, name, seg, envs, cache, reuse, (1.0, 1.0))
+    layer = _Layer(ctx, plan, name, seg, envs, cache, reuse)
+    watch, outs = layer.probe((1.0, 1.0))
     errs = {n: relative_error(fp_refs[n], outs[n]) for n in watch}
     target = max(errs, key=errs.get)
     ref = fp_refs[target]
@@ -177,11 +203,10 @@ def search_layer(
     if search == "exhaustive":
         for t in trials:
             for i in order:
-                _run_call(ctx, plan, name, seg, envs, ref, target, t, i, cache, reuse)
+                _run_call(layer, ref, target, t, i)
         best = min([(errs[target], -1)] + [(t.error(len(envs), den), t.k) for t in trials])
     elif search == "exact":
-        best = _best_first(ctx, plan, name, seg, envs, ref, den, target, trials,
-                           (errs[target], -1), order, cache, reuse)
+        best = _best_first(layer, ref, den, target, trials, (errs[target], -1), order)
     else:
         raise ValueError(f"search {search!r} not in {SEARCHES}")
     w_clip, a_clip = (1.0, 1.0) if best[1] < 0 else grid[best[1]]
@@ -190,23 +215,21 @@ def search_layer(
                         1 + len(trials), calls)
 
 
-def _best_first(ctx: PlanContext, plan: Plan, name: str, seg: int, envs: list[dict],
-                ref: Sequence[torch.Tensor], den: float, target: fx.Node,
-                trials: list[_Trial], base: tuple[float, int], order: Sequence[int],
-                cache: dict | None, reuse: list[dict] | None) -> tuple[float, int]:
+def _best_first(layer: _Layer, ref: Sequence[torch.Tensor], den: float, target: fx.Node,
+                trials: list[_Trial], base: tuple[float, int],
+                order: Sequence[int]) -> tuple[float, int]:
     """The least (error, grid index), each trial's calls left in it: trials are
     keyed by (lower bound, grid index), complete ones by (error, grid index), (1, 1)
     (``base``, complete) by index −1; the first complete key to come out is the least of
     all exact keys, since no other trial's error is below its bound."""
+    n = len(layer.envs)
     heap = [base] + [(0.0, t.k) for t in trials]
     by_k = {t.k: t for t in trials}
     heapq.heapify(heap)
     while True:
         key = heapq.heappop(heap)
         t = by_k.get(key[1])
-        if t is None or len(t.nums) == len(envs):
+        if t is None or len(t.nums) == n:
             return key
-        _run_call(ctx, plan, name, seg, envs, ref, target, t, order[len(t.nums)], cache,
-                  reuse)
-        done = len(t.nums) == len(envs)
-        heapq.heappush(heap, (t.error(len(envs), den) if done else t.bound(den), t.k))
+        _run_call(layer, ref, target, t, order[len(t.nums)])
+        heapq.heappush(heap, (t.error(n, den) if len(t.nums) == n else t.bound(den), t.k))

@@ -102,30 +102,45 @@ def quant_linear_reference(
     x = apply_prologue(x, prologue)
     if perm is not None or smooth is not None or rot is not None:
         x = transform_reference(x, perm, smooth, rot)
-    k = x.shape[-1]
+    w = reference_weight(w_q, w_scale, w_bits, w_format, x.shape[-1])
+    xf = reference_activation(x, a_bits, a_group, a_clip, a_format, a8_rows)
+    return reference_product(xf, w, bias, x.dtype)
+
+
+# The reference in three pieces, so a clip search can keep the ones its trials share
+# (qlinear.LinearMemo) and still compute exactly what the op computes.
+def reference_weight(w_q: Tensor, w_scale: Tensor, w_bits: int, w_format: str,
+                     k: int) -> Tensor:
+    """The weight's float32 values (N, K)."""
     if w_format == "twinlog":
-        w = twinlog_values(w_q, w_scale)
-    elif w_format != "int":
+        return twinlog_values(w_q, w_scale)
+    if w_format != "int":
         raise ValueError(f"w_format {w_format!r} not in {W_FORMATS}")
-    else:
-        w = dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
+    return dequantize(unpack_weight(w_q, w_bits), w_scale, weight_group(k, w_scale))
+
+
+def reference_activation(x: Tensor, a_bits: int, a_group: int, a_clip: float,
+                         a_format: str = "int", a8_rows: Tensor | None = None) -> Tensor:
+    """The (transformed) activation as the product sees it: float32, fake-quantized."""
     xf = x.float()
     if a8_rows is not None and (a_format != "int" or a_bits >= 8):
         raise ValueError(f"a8_rows raises integer activations below 8 bits to 8; got "
                          f"a_bits={a_bits}, a_format={a_format!r}")
     if a_format == "lzs":
-        xf = lzs_fake_quantize(xf, a_group, a_clip)
-    elif a_format != "int":
+        return lzs_fake_quantize(xf, a_group, a_clip)
+    if a_format != "int":
         raise ValueError(f"a_format {a_format!r} not in {A_FORMATS}")
-    elif a8_rows is not None:
-        xf = torch.where(sample_mask(a8_rows, xf), fake_quantize(xf, 8, a_group, 1.0),
-                         fake_quantize(xf, a_bits, a_group, a_clip))
-    elif a_bits < 16:
-        xf = fake_quantize(xf, a_bits, a_group, a_clip)
+    if a8_rows is not None:
+        return torch.where(sample_mask(a8_rows, xf), fake_quantize(xf, 8, a_group, 1.0),
+                           fake_quantize(xf, a_bits, a_group, a_clip))
+    return fake_quantize(xf, a_bits, a_group, a_clip) if a_bits < 16 else xf
+
+
+def reference_product(xf: Tensor, w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     y = xf @ w.t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 @torch.library.custom_op("clq::quant_linear", mutates_args=())

@@ -14,7 +14,13 @@ import torch.fx as fx
 
 from clq_compile.annotations import after_attention, linear_info
 from clq_compile.plan import LayerPlan, Plan
-from clq_compile.qlinear import PackedWeight, apply_transform, planned_weight, quantized_linear
+from clq_compile.qlinear import (
+    LinearMemo,
+    PackedWeight,
+    apply_transform,
+    planned_weight,
+    quantized_linear,
+)
 from clq_compile.runner import PlanContext
 
 
@@ -23,7 +29,8 @@ class PlanOverride:
 
     ``only``: restrict to these layer names. ``clips``: per-layer (w_clip, a_clip) trials
     that win over the plan. ``measure``: accumulate (signal, noise) energy per layer
-    against the float linear on the same input.
+    against the float linear on the same input. ``memo``: pieces of the quantized
+    linears kept across calls that share their tensors (a clip search's trials).
     """
 
     def __init__(
@@ -34,11 +41,13 @@ class PlanOverride:
         clips: dict[str, tuple[float, float]] | None = None,
         measure: dict[str, list[float]] | None = None,
         cache: dict[tuple, PackedWeight] | None = None,
+        memo: LinearMemo | None = None,
     ) -> None:
         self.ctx, self.plan, self.only = ctx, plan, only
         self.clips = clips or {}
         self.measure = measure
         self.cache = {} if cache is None else cache
+        self.memo = memo
         self._rows: dict[int, torch.Tensor] = {}  # call -> its timestep policy rows
 
     def a8_rows(self, lp: LayerPlan, i: int) -> torch.Tensor | None:
@@ -50,8 +59,7 @@ class PlanOverride:
         if col is None:
             return None
         if i not in self._rows:
-            names = [p.name for p in self.ctx.runner.placeholders]
-            self._rows[i] = ts.rows(self.ctx.flat_calib[i][names.index(ts.input)])
+            self._rows[i] = ts.rows(self.ctx.calib_input(ts.input, i))
         return self._rows[i][:, col]
 
     def packed(self, name: str, w_clip: float) -> PackedWeight:
@@ -75,9 +83,9 @@ class PlanOverride:
         w_clip, a_clip = self.clips.get(lp.name, (lp.w_clip, lp.a_clip))
         x = args[0]
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        out = quantized_linear(apply_transform(x, self.plan.transform_of(lp)),
+        out = quantized_linear(apply_transform(x, self.plan.transform_of(lp), self.memo),
                                self.packed(lp.name, w_clip), bias, lp, a_clip,
-                               self.a8_rows(lp, i))
+                               self.a8_rows(lp, i), self.memo)
         if self.measure is not None:
             ref = torch.nn.functional.linear(x, args[1], bias).double()
             s = self.measure.setdefault(lp.name, [0.0, 0.0])

@@ -209,6 +209,11 @@ class PlanContext:
     def weight(self, name: str) -> torch.Tensor:
         return weight_tensor(self.gm, self.nodes[name])
 
+    def calib_input(self, placeholder: str, i: int) -> Any:
+        """Calibration call ``i``'s value of the graph input named ``placeholder``."""
+        names = [p.name for p in self.runner.placeholders]
+        return self.flat_calib[i][names.index(placeholder)]
+
     def bias(self, name: str) -> torch.Tensor | None:
         node = self.nodes[name]
         b = node.args[2] if len(node.args) > 2 else None

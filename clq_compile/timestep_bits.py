@@ -125,8 +125,8 @@ class _Runs:
 
     def __init__(self, ctx: PlanContext, plan: Plan, node: fx.Node) -> None:
         self.ctx, self.plan, self.name = ctx, plan, node.name
-        index = ctx.runner.placeholders.index(node)
-        self.t = [flat[index].detach().reshape(-1).float().cpu() for flat in ctx.flat_calib]
+        self.t = [ctx.calib_input(node.name, i).detach().reshape(-1).float().cpu()
+                  for i in range(len(ctx.flat_calib))]
         self.times = torch.cat(self.t).unique().flip(0)  # sampling order: high t first
         self.count = 0
         self.ref = self._outputs(None)
