@@ -31,7 +31,7 @@ from clq_compile.calibration import as_calls
 from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.share_inputs import plan_passes
-from clq_compile.weight_cache import WeightPacker
+from clq_compile.weight_cache import CHECKS, WeightPacker, set_check
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,19 @@ def clq_backend(
     recipe's own options. Without ``calib`` only data-free decisions are made.
     ``inductor``: hand the rewritten graph to Inductor (default: when the graph's inputs
     are on a GPU); ``mode``: Inductor's mode (``"reduce-overhead"``: CUDA graphs), also
-    accepted as ``torch.compile``'s own ``mode=`` argument."""
+    accepted as ``torch.compile``'s own ``mode=`` argument. ``repack``: how a call knows a
+    weight changed since it was packed: ``"content"`` (default; a fingerprint read of
+    every weight per call) or ``"version"`` (same tensor, same ``_version``; no read and
+    no GPU sync per call, for serving; ``.data`` writes such as a LoRA fuse go unseen)."""
     opts = dict(options or {})
     recipe = opts.pop("recipe", "rtn")
     bits = opts.pop("bits", "w4a4")
     calib = opts.pop("calib", None)
     mode = opts.pop("mode", mode)
     inductor = opts.pop("inductor", None)
+    repack = opts.pop("repack", "content")
+    if repack not in CHECKS:
+        raise ConfigError(f"option repack={repack!r}; choose one of {CHECKS}")
     if mode not in inductor_modes():
         raise ConfigError(f"option mode={mode!r}; choose one of {inductor_modes()}")
     if inductor not in (None, True, False):
@@ -140,6 +146,7 @@ def clq_backend(
         flat = [list(example_inputs)]
     plan = build_plan(gm, spec, config, flat, measure=calib is not None)
     gm = PassManager(plan_passes(plan, weights="runtime"))(gm).gm
+    set_check(gm, repack)
     gm.meta["clq_plan"] = plan
     log.info("clq backend: %d/%d linears quantized (%s %s)", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)

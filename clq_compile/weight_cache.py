@@ -7,6 +7,11 @@ through a fresh tensor, and ``w.data = new`` may reuse a freed address. So the c
 holds a content fingerprint ``u·W·v`` (u, v fixed pseudo-random float64 vectors): any
 change of W's values moves it, except on a set of measure zero. It reads W once per call
 (one GEMV); on CUDA it also waits for that result.
+
+``check="version"`` trades that read for trust, for serving: a pack is kept while the
+weight is the same tensor object with the same ``_version`` (in-place tensor ops and
+``load_state_dict`` move it; ``.data`` writes do not). No weight is read per call and
+nothing waits on the GPU, so a CUDA graph replay is not held up by the packers.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from clq_compile.plan import LayerPlan, TransformPlan
 from clq_compile.qlinear import pack_weight
 
 _CHUNK = 1 << 22  # elements per float64 chunk: bounds the temporary copy
+CHECKS = ("content", "version")  # what tells a packer that a weight changed
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,16 +47,21 @@ def fingerprint(w: torch.Tensor) -> float:
 
 
 class WeightPacker(torch.nn.Module):
-    """Packs whatever weight tensor arrives, once per (tensor object, content)."""
+    """Packs whatever weight tensor arrives, once per (tensor object, content), or with
+    ``check="version"`` once per (tensor object, version)."""
 
-    def __init__(self, layer: LayerPlan, transform: TransformPlan | None) -> None:
+    def __init__(self, layer: LayerPlan, transform: TransformPlan | None,
+                 check: str = "content") -> None:
         super().__init__()
-        self.layer, self.transform = layer, transform
+        if check not in CHECKS:
+            raise ValueError(f"check {check!r} not in {CHECKS}")
+        self.layer, self.transform, self.check = layer, transform, check
         self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.packs = 0  # how many times a weight was (re)packed; tests read it
 
     def forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(w.shape), w.dtype, w.device, fingerprint(w))
+        state = fingerprint(w) if self.check == "content" else w._version
+        key = (tuple(w.shape), w.dtype, w.device, state)
         hit = self._cache.get(w)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -59,3 +70,13 @@ class WeightPacker(torch.nn.Module):
         out = (packed.w_q.to(w.device), packed.w_scale.to(w.device))
         self._cache[w] = (key, out)
         return out
+
+
+def set_check(module: torch.nn.Module, check: str) -> int:
+    """Make every packer under ``module`` use ``check``; returns how many there are."""
+    if check not in CHECKS:
+        raise ValueError(f"check {check!r} not in {CHECKS}")
+    packers = [m for m in module.modules() if isinstance(m, WeightPacker)]
+    for m in packers:
+        m.check = check
+    return len(packers)

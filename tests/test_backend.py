@@ -161,6 +161,39 @@ def test_load_state_dict_is_not_stale():
     assert torch.equal(out, _fresh(model, x))
 
 
+def test_repack_by_version_reads_no_weight_and_sees_in_place_updates(monkeypatch):
+    """``repack="version"`` (serving): no fingerprint per call, the same output as the
+    default; in-place ops and load_state_dict repack; a ``.data`` write is not seen, as
+    documented."""
+    import copy
+
+    import clq_compile.weight_cache as wc
+
+    model, inputs = tiny_pixart()
+    x = inputs(1)
+    _, before = _compiled(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="clq", fullgraph=True,
+                             options={"bits": "w8a8", "repack": "version"})
+    reads = []
+    monkeypatch.setattr(wc, "fingerprint", lambda w: reads.append(w) or 0.0)
+    with torch.no_grad():
+        assert torch.equal(compiled(**x)[0], before)
+        lin = model.transformer_blocks[1].ff.net[2]
+        lin.weight.mul_(3.0)
+        inplace = compiled(**x)[0]
+        model.load_state_dict(tiny_pixart(seed=3)[0].state_dict())
+        loaded = compiled(**x)[0]
+        as_loaded = copy.deepcopy(model)
+        lin.weight.data += 1.0  # not seen: same tensor, same _version
+        stale = compiled(**x)[0]
+    assert not reads
+    monkeypatch.undo()
+    assert not torch.equal(inplace, before)
+    assert torch.equal(loaded, _fresh(as_loaded, x))
+    assert torch.equal(stale, loaded)
+
+
 def test_peft_lora_fuse_is_not_stale():
     """A real PEFT LoRA on the compiled model, merged into the base weights."""
     peft = pytest.importorskip("peft", reason="peft is a dev dependency; run pip install -e .[dev]")
@@ -278,6 +311,7 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
     ({"dac": True}, "dac=True is solved from the weights once"),
     ({"dsq": True}, "dsq=True is solved from the weights once"),
     ({"timestep_bits": 6.0}, "timestep_bits=6.0 reads the timestep"),
+    ({"repack": "never"}, "repack='never'"),
 ])
 def test_backend_options_are_checked(options, match):
     model, inputs = tiny_pixart()
