@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 import clq_compile as clq
-from clq_compile.eval import CastTransformer, evaluate, load_judge, load_shapes_dit
+from clq_compile.eval import (
+    CastTransformer,
+    NoisyTransformer,
+    evaluate,
+    load_judge,
+    load_shapes_dit,
+)
 from clq_compile.eval.sampler import make_scheduler
 from clq_compile.timestep_bits import average_bits
 
@@ -156,6 +162,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 sanity row")
+    p.add_argument("--noise-db", nargs="*", type=float, default=[],
+                   help="control rows: FP plus white noise on the transformer output at "
+                        "these SQNRs (how far FP agreement moves without quantization)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--grid-methods", nargs="*", default=None,
                    help="columns of grid.png (default: FP and the --methods at the last bits)")
@@ -171,6 +180,9 @@ def main() -> None:
     methods: dict = {}
     if not args.no_bf16:
         methods[("bf16", "bf16")] = lambda calib: CastTransformer(transformer, torch.bfloat16)
+    for db in args.noise_db:
+        methods[(f"noise {db:g} dB", "control")] = (
+            lambda calib, db=db: NoisyTransformer(transformer, db, seed=args.seed))
     for bits in args.bits:
         for name in args.methods:
             methods[(name, bits)] = factory(transformer, name, bits, meta, args.steps)
@@ -201,6 +213,7 @@ def main() -> None:
     for r in report.results:
         agree = "" if r.fp_agreement is None else f"FP agreement {100 * r.fp_agreement:.1f}% "
         print(f"{r.method:>18} {r.bits:>6}: per-attribute {r.attribute_accuracy} {agree}"
+              f"flips {r.fp_disagree} at {r.disagree_psnr_db} dB "
               f"build {r.build_s:.1f}s sample {r.sample_s:.1f}s")
     print(f"wrote {args.out}/results.json, table.md, grid.png")
 

@@ -9,6 +9,7 @@ a judge, and a harness comparing quantized models with full precision.
 from clq_compile.eval.harness import (
     CastTransformer,
     MethodResult,
+    NoisyTransformer,
     Report,
     calibration_calls,
     evaluate,
@@ -30,9 +31,9 @@ from clq_compile.eval.shapes_model import (
 )
 
 __all__ = [
-    "CaptionEncoder", "CastTransformer", "MethodResult", "Report", "ShapeJudge", "accuracy",
-    "build_transformer", "calibration_calls", "caption", "evaluate", "generate", "load_config",
-    "load_judge", "load_shapes_dit", "make_scheduler", "output_sqnr", "parse_caption",
-    "prompts", "psnr_db", "quantize_methods", "record_calibration", "render", "sample",
-    "save_grid", "sqnr_db", "tokenize",
+    "CaptionEncoder", "CastTransformer", "MethodResult", "NoisyTransformer", "Report",
+    "ShapeJudge", "accuracy", "build_transformer", "calibration_calls", "caption", "evaluate",
+    "generate", "load_config", "load_judge", "load_shapes_dit", "make_scheduler", "output_sqnr",
+    "parse_caption", "prompts", "psnr_db", "quantize_methods", "record_calibration", "render",
+    "sample", "save_grid", "sqnr_db", "tokenize",
 ]

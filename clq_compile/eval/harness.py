@@ -69,11 +69,16 @@ def prompts(n: int, seed: int) -> tuple[list[str], list[int], torch.Tensor]:
     return captions, seeds, labels
 
 
-def psnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Mean over samples of per-sample PSNR (images in [0, 1]); identical samples count as
-    100 dB so one exact match does not make the mean infinite."""
+def sample_psnr_db(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """PSNR of each sample (images in [0, 1]); identical samples count as 100 dB."""
     mse = (ref - out).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def psnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over samples of per-sample PSNR (the 100 dB cap keeps one exact match from
+    making the mean infinite)."""
+    return sample_psnr_db(ref, out).mean().item()
 
 
 @torch.no_grad()
@@ -85,6 +90,23 @@ def output_sqnr(reference: Transformer, model: Transformer,
         refs.append(reference(**kwargs)[0].float())
         outs.append(model(**kwargs)[0].float())
     return sqnr_db(torch.cat(refs), torch.cat(outs))
+
+
+class NoisyTransformer(torch.nn.Module):
+    """The FP transformer plus white Gaussian noise on its output at a set SQNR per call (a
+    control row: an error of known size and no structure, to read how far FP agreement
+    moves under an error that is not quantization). Seeded, so rows repeat."""
+
+    def __init__(self, transformer: torch.nn.Module, sqnr_db: float, seed: int = 0) -> None:
+        super().__init__()
+        self.inner, self.sqnr_db, self.seed = transformer, sqnr_db, seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        out, *rest = self.inner(**kwargs)
+        noise = torch.randn(out.shape, generator=self.generator).to(out)
+        scale = out.float().pow(2).mean().sqrt() * 10 ** (-self.sqnr_db / 20)
+        return (out + noise * scale.to(out.dtype), *rest)
 
 
 class CastTransformer(torch.nn.Module):
@@ -115,6 +137,10 @@ class MethodResult:
     sqnr_calib_db: float | None
     build_s: float
     sample_s: float
+    # the samples the judge reads otherwise than FP's, and each one's PSNR vs FP (a flip
+    # with a low PSNR is a trajectory that went elsewhere, not a blurred drawing)
+    fp_disagree: list[int] | None = None
+    disagree_psnr_db: list[float] | None = None
 
 
 @dataclass
@@ -216,11 +242,15 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
         imgs = sample(model, encoder, captions, seeds, **common)
         sample_s = time.time() - t0
         read = judge.predict(imgs)
+        agree = (read == fp_read).all(dim=1)
+        psnr = sample_psnr_db(fp_images, imgs)
+        flips = (~agree).nonzero().flatten().tolist()
         results.append(MethodResult(
-            name, bits, *_score(read, labels), psnr_db(fp_images, imgs),
-            (read == fp_read).all(dim=1).float().mean().item(),
+            name, bits, *_score(read, labels), psnr.mean().item(),
+            agree.float().mean().item(),
             _finite(output_sqnr(transformer, model, held_out)),
-            _finite(output_sqnr(transformer, model, calib)), build_s, sample_s))
+            _finite(output_sqnr(transformer, model, calib)), build_s, sample_s,
+            flips, [round(psnr[i].item(), 2) for i in flips]))
         images[f"{name} {bits}"] = imgs
     config = {"n_samples": n_samples, "seed": seed, "steps": steps,
               "guidance_scale": guidance_scale, "n_calib_prompts": n_calib_prompts,
