@@ -137,8 +137,8 @@ SEARCHES = ("exact", "exhaustive")
 @dataclass
 class _Layer:
     """One layer's search: what each of its probes runs on. ``memo`` keeps the layer's
-    own transform, weights and quantized inputs across trials (their inputs are the
-    same tensors: only ℓ is quantized and the block's float values are reused)."""
+    transformed inputs and float weights across trials (their inputs are the same
+    tensors: only ℓ is quantized and the block's float values are reused)."""
 
     ctx: PlanContext
     plan: Plan

@@ -50,12 +50,10 @@ class WeightPacker(torch.nn.Module):
     """Packs whatever weight tensor arrives, once per (tensor object, content), or with
     ``check="version"`` once per (tensor object, version)."""
 
-    def __init__(self, layer: LayerPlan, transform: TransformPlan | None,
-                 check: str = "content") -> None:
+    def __init__(self, layer: LayerPlan, transform: TransformPlan | None) -> None:
         super().__init__()
-        if check not in CHECKS:
-            raise ValueError(f"check {check!r} not in {CHECKS}")
-        self.layer, self.transform, self.check = layer, transform, check
+        self.layer, self.transform = layer, transform
+        self.check = "content"  # see set_check
         self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.packs = 0  # how many times a weight was (re)packed; tests read it
 
@@ -72,11 +70,10 @@ class WeightPacker(torch.nn.Module):
         return out
 
 
-def set_check(module: torch.nn.Module, check: str) -> int:
-    """Make every packer under ``module`` use ``check``; returns how many there are."""
+def set_check(module: torch.nn.Module, check: str) -> None:
+    """Make every packer under ``module`` use ``check`` (one of ``CHECKS``)."""
     if check not in CHECKS:
         raise ValueError(f"check {check!r} not in {CHECKS}")
-    packers = [m for m in module.modules() if isinstance(m, WeightPacker)]
-    for m in packers:
-        m.check = check
-    return len(packers)
+    for m in module.modules():
+        if isinstance(m, WeightPacker):
+            m.check = check

@@ -99,7 +99,7 @@ class NoisyTransformer(torch.nn.Module):
 
     def __init__(self, transformer: torch.nn.Module, sqnr_db: float, seed: int = 0) -> None:
         super().__init__()
-        self.inner, self.sqnr_db, self.seed = transformer, sqnr_db, seed
+        self.inner, self.sqnr_db = transformer, sqnr_db
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, **kwargs: Any) -> tuple[torch.Tensor, ...]:
