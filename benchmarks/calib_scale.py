@@ -120,9 +120,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", depth, heads, "--calls", calls or str(args.calls),
                "--tokens-side", str(args.tokens_side), "--threads", str(args.threads),
                *[f"-o{o}" for o in args.option], *(["--floor-one"] if floor else [])]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # stderr passes through: a long plan shows its progress bars and logs
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
         if out.returncode:
-            sys.exit(f"{cfg} failed:\n{out.stderr[-3000:]}")
+            sys.exit(f"{cfg} failed (exit {out.returncode}; its stderr is above)")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     rows = []

@@ -213,7 +213,8 @@ def main() -> None:
     for r in report.results:
         agree = "" if r.fp_agreement is None else f"FP agreement {100 * r.fp_agreement:.1f}% "
         print(f"{r.method:>18} {r.bits:>6}: per-attribute {r.attribute_accuracy} {agree}"
-              f"flips {r.fp_disagree} at {r.disagree_psnr_db} dB "
+              f"flips {r.fp_disagree} at {r.disagree_psnr_db} dB (FP judge margin "
+              f"{r.disagree_fp_margin}, rank {r.disagree_fp_rank}) "
               f"build {r.build_s:.1f}s sample {r.sample_s:.1f}s")
     print(f"wrote {args.out}/results.json, table.md, grid.png")
 

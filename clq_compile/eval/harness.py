@@ -141,6 +141,11 @@ class MethodResult:
     # with a low PSNR is a trajectory that went elsewhere, not a blurred drawing)
     fp_disagree: list[int] | None = None
     disagree_psnr_db: list[float] | None = None
+    # for each of those, the FP image's judge margin on the attribute that flipped (top-1
+    # minus top-2 probability, the least over flipped attributes) and its rank among all
+    # samples' margins on that attribute (0: the FP reading nearest a tie)
+    disagree_fp_margin: list[float] | None = None
+    disagree_fp_rank: list[int] | None = None
 
 
 @dataclass
@@ -230,6 +235,8 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
     fp_images = sample(transformer, encoder, captions, seeds, recorder=recorder, **common)
     fp_s = time.time() - t0
     fp_read = judge.predict(fp_images)
+    fp_margin = judge.margins(fp_images)  # (N, 3)
+    fp_rank = fp_margin.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
     results = [MethodResult(FP_KEY[0], FP_KEY[1], *_score(fp_read, labels), None, None,
                             None, None, 0.0, fp_s)]
     images = {FP_KEY[0]: fp_images}
@@ -245,12 +252,15 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
         agree = (read == fp_read).all(dim=1)
         psnr = sample_psnr_db(fp_images, imgs)
         flips = (~agree).nonzero().flatten().tolist()
+        at = [int(torch.where(read[i] != fp_read[i], fp_margin[i], 2.0).argmin()) for i in flips]
         results.append(MethodResult(
             name, bits, *_score(read, labels), psnr.mean().item(),
             agree.float().mean().item(),
             _finite(output_sqnr(transformer, model, held_out)),
             _finite(output_sqnr(transformer, model, calib)), build_s, sample_s,
-            flips, [round(psnr[i].item(), 2) for i in flips]))
+            flips, [round(psnr[i].item(), 2) for i in flips],
+            [round(fp_margin[i, a].item(), 4) for i, a in zip(flips, at, strict=True)],
+            [int(fp_rank[i, a]) for i, a in zip(flips, at, strict=True)]))
         images[f"{name} {bits}"] = imgs
     config = {"n_samples": n_samples, "seed": seed, "steps": steps,
               "guidance_scale": guidance_scale, "n_calib_prompts": n_calib_prompts,

@@ -51,13 +51,26 @@ class ShapeJudge(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Predicted labels ``(B, 3)`` = (shape, colour, position)."""
-        out = []
+    def logits(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Each attribute's logits ``(B, classes)``, in batches, on clamped images."""
+        out: dict[str, list[torch.Tensor]] = {a: [] for a in ATTRIBUTES}
         for chunk in images.split(batch_size):
             logits = self(chunk.float().clamp(0, 1))
-            out.append(torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1))
-        return torch.cat(out)
+            for a in ATTRIBUTES:
+                out[a].append(logits[a])
+        return {a: torch.cat(p) for a, p in out.items()}
+
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Predicted labels ``(B, 3)`` = (shape, colour, position)."""
+        logits = self.logits(images, batch_size)
+        return torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1)
+
+    def margins(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """``(B, 3)`` top-1 minus top-2 probability per attribute: how far each reading is
+        from a tie (a sample near 0 flips under any small redrawing)."""
+        logits = self.logits(images, batch_size)
+        top = [logits[a].softmax(-1).topk(2, dim=-1).values for a in ATTRIBUTES]
+        return torch.stack([t[:, 0] - t[:, 1] for t in top], dim=1)
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -44,6 +44,7 @@ def test_rows_and_metrics(report):
     fp, same = rep.results[0], rep.results[-1]
     assert same.fp_agreement == 1.0 and same.shapeeval == fp.shapeeval
     assert same.fp_disagree == [] and same.disagree_psnr_db == []
+    assert same.disagree_fp_margin == [] and same.disagree_fp_rank == []
     noise = rep.results[-2]  # white noise scaled per call: the set SQNR, to sampling error
     assert abs(noise.sqnr_db - 25.0) < 0.2 and abs(noise.sqnr_calib_db - 25.0) < 0.2, noise
     assert same.sqnr_db is None and same.psnr_db == 100.0  # identical: SQNR inf, PSNR capped
@@ -57,6 +58,9 @@ def test_rows_and_metrics(report):
         assert r.fp_agreement is not None and 0.0 <= r.fp_agreement <= 1.0, r
         flips = round((1 - r.fp_agreement) * 2)  # 2 samples
         assert len(r.fp_disagree) == len(r.disagree_psnr_db) == flips, r
+        assert len(r.disagree_fp_margin) == len(r.disagree_fp_rank) == flips, r
+        assert all(0.0 <= m <= 1.0 for m in r.disagree_fp_margin), r
+        assert all(0 <= k < 2 for k in r.disagree_fp_rank), r
     assert rep.config["calib_calls"] == 2 and rep.config["held_out_calls"] == 2
 
 
