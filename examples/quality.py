@@ -94,6 +94,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # issue 14: the best configuration with a larger budget (to W4A8: no extra weight bytes)
     "clq+gptq+lowrank+budget10": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.1}),
     "clq+gptq+lowrank+budget20": ("clq", {"weights": "gptq", "lowrank": 7, "budget": 0.2}),
+    # the same with Hadamard blocks of 256 (full width on the shapes DiT's K = 256 inputs,
+    # as quarot's, which keeps samples 27 and 55)
+    "clq+gptq+lowrank+budget20 b256": ("clq", {"weights": "gptq", "lowrank": 7,
+                                                "budget": 0.2, "block": 256}),
+    # ... with rank 5, so the 256-wide blocks and the branch stay under 10% extra bytes
+    "clq+gptq+lowrank5+budget20 b256": ("clq", {"weights": "gptq", "lowrank": 5,
+                                                 "budget": 0.2, "block": 256}),
 }
 BASELINES = ["rtn", "smoothquant", "quarot", "clq"]
 OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+budget",
@@ -104,7 +111,8 @@ OPTIONS = ["quarot+gptq", "clq+gptq", "clq+lowrank", "clq+gptq+lowrank", "clq+bu
            "clq+gptq+fisher", "clq+gptq+lowrank+budget+fisher", "clq+adaptive",
            "clq+gptq+lowrank+budget+adaptive", "rtn+timestep6", "clq+timestep6",
            "clq+timestep5", "clq+budget50", "clq+gptq+lowrank+budget+timestep6",
-           "clq+gptq+lowrank+budget10", "clq+gptq+lowrank+budget20"]
+           "clq+gptq+lowrank+budget10", "clq+gptq+lowrank+budget20",
+           "clq+gptq+lowrank+budget20 b256", "clq+gptq+lowrank5+budget20 b256"]
 ABLATIONS = [m for m in METHODS if m not in BASELINES and m not in OPTIONS]
 
 
