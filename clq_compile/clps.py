@@ -36,12 +36,17 @@ class SearchResult:
 
 def relative_error(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
     """Σ‖ref − out‖² / Σ‖ref‖² over calibration calls."""
-    return sum(_call_errors(ref, out)) / _energy(ref)
+    return sum(call_errors(ref, out)) / _energy(ref)
+
+
+def call_energies(ref: Sequence[torch.Tensor]) -> list[float]:
+    """‖ref‖² per calibration call."""
+    return [float(r.double().pow(2).sum()) for r in ref]
 
 
 def _energy(ref: Sequence[torch.Tensor]) -> float:
     """Σ‖ref‖² (floored), relative_error's denominator."""
-    return max(sum(float(r.double().pow(2).sum()) for r in ref), 1e-30)
+    return max(sum(call_energies(ref)), 1e-30)
 
 
 def candidates(ctx: PlanContext, name: str) -> list[fx.Node]:
@@ -111,7 +116,8 @@ def chain_errors(
     return {n: relative_error(fp_refs[n], outs[n]) for n in watch}
 
 
-def _call_errors(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> list[float]:
+def call_errors(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> list[float]:
+    """‖ref − out‖² per calibration call."""
     return [float((r.double() - o.double()).pow(2).sum()) for r, o in zip(ref, out, strict=True)]
 
 
@@ -163,7 +169,7 @@ def _run_call(layer: _Layer, ref: Sequence[torch.Tensor], target: fx.Node, trial
               i: int) -> None:
     """Run ``trial`` on calibration call ``i``: ℓ at its clips, up to ``target``."""
     _, out = layer.probe(trial.clips, [target], i)
-    trial.nums[i] = _call_errors(ref[i:i + 1], out[target])[0]
+    trial.nums[i] = call_errors(ref[i:i + 1], out[target])[0]
 
 
 def search_layer(
@@ -193,7 +199,7 @@ def search_layer(
     target = max(errs, key=errs.get)
     ref = fp_refs[target]
     den = _energy(ref)  # the same for every trial
-    base = _call_errors(ref, outs[target])
+    base = call_errors(ref, outs[target])
     order = sorted(range(len(envs)), key=lambda i: -base[i])
     spec = plan.layers[name].spec
     a_values = tuple(a_grid) if spec.a_bits < 16 else (1.0,)
