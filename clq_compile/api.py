@@ -175,7 +175,7 @@ def quantize(
     """
     t0 = time.perf_counter()
     config, spec = resolve(recipe, bits, **options)
-    shard = Shard(distributed)
+    shard = Shard.requested(distributed)
     ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
     was_training = model.training
     model.eval()

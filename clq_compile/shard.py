@@ -46,6 +46,20 @@ class Shard:
         self.owner: dict[Any, int] = {}  # item -> the rank that did it
         self._dealt = 0
 
+    @classmethod
+    def requested(cls, distributed: bool) -> Shard:
+        """The share the user's ``distributed`` option asks for. A process group of several
+        ranks left unused is said at WARNING: every rank would then plan the whole model
+        alone, N times the work for the same plan."""
+        shard = cls(distributed)
+        if not distributed and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            log.warning("a torch.distributed process group of %d ranks is initialized but "
+                        "distributed=False: this rank plans the whole model alone (pass "
+                        "distributed=True on every rank to split the calibration work)",
+                        dist.get_world_size())
+        return shard
+
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> dict[T, R]:
         """``{item: fn(item)}`` for every item; this rank computes its share."""
         start, self._dealt = self._dealt, self._dealt + len(items)

@@ -83,6 +83,23 @@ def test_distributed_without_a_process_group_is_a_config_error():
         clq.quantize(model, [inputs(0)], distributed="yes")
 
 
+def test_an_unused_process_group_of_several_ranks_is_said(monkeypatch, caplog):
+    """Under torchrun without ``distributed=True`` every rank does all the work: a
+    warning says so (the group is faked: the check reads only its size)."""
+    import clq_compile.shard as shard_module
+
+    monkeypatch.setattr(shard_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(shard_module.dist, "get_world_size", lambda group=None: 2)
+    with caplog.at_level("WARNING", logger="clq_compile.shard"):
+        assert Shard.requested(False).world == 1
+    assert "group of 2 ranks is initialized but distributed=False" in caplog.text
+    monkeypatch.setattr(shard_module.dist, "get_world_size", lambda group=None: 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clq_compile.shard"):
+        Shard.requested(False)
+    assert caplog.text == ""  # one rank: nothing to split
+
+
 def test_one_process_does_everything():
     shard = Shard()
     assert (shard.rank, shard.world) == (0, 1)
