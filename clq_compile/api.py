@@ -15,6 +15,7 @@ from clq_compile.capture import Captured, capture, grown_call, own_tensors, shar
 from clq_compile.checkpoint import Checkpoint, materialize, open_checkpoint
 from clq_compile.errors import CalibrationError, CaptureError, ConfigError, QuantizationError
 from clq_compile.model import QuantizedModel
+from clq_compile.options import boolean
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.share_inputs import plan_passes
 from clq_compile.plan import Plan
@@ -57,6 +58,21 @@ def _graph_for(graphs: list[Captured], call: dict[str, Any]) -> int | None:
     return next((i for i, g in enumerate(graphs) if g.rejects(call) is None), None)
 
 
+def _check_dynamic_shapes(dynamic_shapes: Any, call: dict[str, Any]) -> None:
+    """torch.export takes a keyword call's dynamic shapes as a dict by argument name; any
+    other form fails deep inside it, with a message that does not name the option."""
+    if dynamic_shapes is None:
+        return
+    if not isinstance(dynamic_shapes, dict):
+        raise ConfigError(f"option dynamic_shapes={dynamic_shapes!r} is not allowed: expected "
+                          "None (every size the model lets vary stays dynamic) or a dict "
+                          "from forward argument names to torch.export dynamic shapes")
+    unknown = sorted(set(dynamic_shapes) - set(call))
+    if unknown:
+        raise ConfigError(f"option dynamic_shapes names {unknown}, which the calibration "
+                          f"calls do not pass; they pass {sorted(call)}")
+
+
 def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None,
                   checkpoint: Checkpoint | None = None
                   ) -> tuple[list[Captured], list[dict[str, Any]]]:
@@ -67,6 +83,7 @@ def capture_calls(model: torch.nn.Module, calib: Any, dynamic_shapes: Any = None
     other than sizes (dtype, structure, constants) raises ``CalibrationError``."""
     params = _params(model)
     calls = bind_calls(params, calib, type(model).__name__, _model_device(model, checkpoint))
+    _check_dynamic_shapes(dynamic_shapes, calls[0])
     graphs = [capture(model, params, calls[0], dynamic_shapes, checkpoint=checkpoint)]
     first = graphs[0].call_spec
     kept = []
@@ -131,6 +148,7 @@ def plan_model(model: torch.nn.Module, calib: Any, recipe: str | RecipeConfig = 
                measure: bool = False, **options: Any) -> tuple[fx.GraphModule, Plan]:
     """Capture, analyze and plan without rewriting: the analyzed graph and its Plan."""
     config, spec = resolve(recipe, bits, **options)
+    measure = boolean("measure", measure)
     ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
     was_training = model.training
     model.eval()
@@ -175,6 +193,7 @@ def quantize(
     """
     t0 = time.perf_counter()
     config, spec = resolve(recipe, bits, **options)
+    measure = boolean("measure", measure)
     shard = Shard.requested(distributed)
     ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
     was_training = model.training

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tabulate import tabulate
+from tabulate import tabulate, tabulate_formats
 
+from clq_compile.errors import ConfigError
 from clq_compile.lowrank import storage_dtype
 from clq_compile.passes.rewrite import quant_linear_nodes
 from clq_compile.plan import LayerPlan, Plan
@@ -103,4 +104,12 @@ def summary(qm: Any) -> str:
 
 def inspect(qm: Any, tablefmt: str = "simple") -> str:
     """A per-layer table (tabulate) of a ``QuantizedModel`` plus a summary line."""
+    from clq_compile.model import QuantizedModel
+
+    if not isinstance(qm, QuantizedModel):
+        raise TypeError(f"clq.inspect takes a QuantizedModel (what clq.quantize or clq.load "
+                        f"returns), got {type(qm).__name__}")
+    if tablefmt not in tabulate_formats:
+        raise ConfigError(f"option tablefmt={tablefmt!r} is not allowed: expected one of "
+                          f"tabulate's formats {sorted(tabulate_formats)}")
     return tabulate(rows(qm), headers=HEADERS, tablefmt=tablefmt) + "\n" + summary(qm)

@@ -55,6 +55,30 @@ def test_unknown_recipe_bits_and_option(pixart):
         clq.quantize(model, [inputs(0)], recipe="rtn", alpha=0.5)
 
 
+def test_measure_and_dynamic_shapes_are_checked_where_they_enter(pixart):
+    """A truthy string is not a flag, and torch.export's own failure on a malformed
+    dynamic_shapes does not name the option."""
+    model, inputs = pixart
+    with pytest.raises(clq.ConfigError, match="option measure='yes'"):
+        clq.quantize(model, [inputs(0)], measure="yes")
+    with pytest.raises(clq.ConfigError, match="option measure=1 "):
+        clq.api.plan_model(model, [inputs(0)], measure=1)
+    with pytest.raises(clq.ConfigError, match="option dynamic_shapes=5 "):
+        clq.quantize(model, [inputs(0)], dynamic_shapes=5)
+    with pytest.raises(clq.ConfigError, match=r"names \['hiden_states'\].*hidden_states"):
+        clq.quantize(model, [inputs(0)], dynamic_shapes={"hiden_states": {0: None}})
+
+
+def test_inspect_names_what_it_takes(pixart):
+    model, inputs = pixart
+    with pytest.raises(TypeError, match="takes a QuantizedModel .*got PixArtTransformer2DModel"):
+        clq.inspect(model)
+    qm = clq.quantize(model, [inputs(0)], measure=False, extra_shapes=None)
+    with pytest.raises(clq.ConfigError, match="option tablefmt='markdown'"):
+        clq.inspect(qm, tablefmt="markdown")
+    assert clq.inspect(qm, tablefmt="github").startswith("| ")
+
+
 def test_capture_error_names_the_problem():
     class DataDependent(torch.nn.Module):
         def __init__(self):
