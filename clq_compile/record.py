@@ -37,6 +37,9 @@ def record_calls(module: torch.nn.Module, max_calls: int = 32,
     """Yield a list that, when the block exits, holds up to ``max_calls`` recorded calls
     (dicts of keyword arguments, positional ones named by ``forward``'s signature).
     ``device``: where to keep the recorded tensors (default: where they were)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"clq.record_calls takes the torch.nn.Module whose calls to record "
+                        f"(e.g. pipe.transformer), got {type(module).__name__}")
     if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1:
         raise ConfigError(f"option max_calls={max_calls!r} is not allowed: expected an "
                           "integer >= 1")

@@ -69,7 +69,7 @@ def test_measure_and_dynamic_shapes_are_checked_where_they_enter(pixart):
         clq.quantize(model, [inputs(0)], dynamic_shapes={"hiden_states": {0: None}})
 
 
-def test_inspect_names_what_it_takes(pixart):
+def test_inspect_export_and_record_name_what_they_take(pixart):
     model, inputs = pixart
     with pytest.raises(TypeError, match="takes a QuantizedModel .*got PixArtTransformer2DModel"):
         clq.inspect(model)
@@ -77,6 +77,11 @@ def test_inspect_names_what_it_takes(pixart):
     with pytest.raises(clq.ConfigError, match="option tablefmt='markdown'"):
         clq.inspect(qm, tablefmt="markdown")
     assert clq.inspect(qm, tablefmt="github").startswith("| ")
+    with pytest.raises(TypeError, match="export_onnx takes a QuantizedModel .*quantize it"):
+        clq.export_onnx(model, "never_written.onnx")
+    with pytest.raises(TypeError, match="record_calls takes the torch.nn.Module"):
+        with clq.record_calls("transformer"):
+            pass
 
 
 def test_capture_error_names_the_problem():

@@ -57,6 +57,9 @@ def export_onnx(
     MatMulNBits forms that ORT's CPU EP runs fast, same arithmetic. Run either with
     ``clq_compile.lowering.onnx.ort_session`` (it sets the options exactness needs).
     """
+    if not callable(getattr(qm, "exported_program", None)):
+        raise TypeError(f"clq.export_onnx takes a QuantizedModel (what clq.quantize or "
+                        f"clq.load returns), got {type(qm).__name__}: quantize it first")
     if target not in TARGETS:
         raise ConfigError(f"unknown ONNX target {target!r}; choose one of {sorted(TARGETS)}")
     if opset < MIN_OPSET:
