@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import clq_compile as clq
+from clq_compile.cli import FAST
 from clq_compile.eval import (
     CastTransformer,
     NoisyTransformer,
@@ -44,6 +45,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "clq order=none": ("clq", {"order": "none"}),
     "clq order=sorted": ("clq", {"order": "sorted"}),
     "clq a_group=64": ("clq", {"a_group": 64}),
+    # issue 15: the cheaper searches a user can ask for (the CLI's --budget fast preset,
+    # then also the window cut to the next block): what their plan time costs in quality
+    "clq fast": ("clq", dict(FAST)),
+    "clq fast window=1": ("clq", {**FAST, "window": 1}),
+    "clq fast window=1 samples=1": ("clq", {**FAST, "window": 1, "clps_samples": 1}),
     # issue 14: options that compose with any recipe
     # (rank 7: the largest whose fp16 branch adds under 10% to W4A4's bytes on the shapes
     # DiT; the budget promotes 5% of the weights one step up, budget_bits="auto")
