@@ -271,12 +271,12 @@ def _table(ctx, plan, name, seg, envs, fp_refs, reuse, cache, config) -> Table:
 
 def score(tabs: list[Table]) -> dict[str, dict]:
     rows = {}
-    exact_cost = sum(exact(tb)[1] for tb in tabs)
+    exact_runs = [exact(tb) for tb in tabs]  # (choice, cost): what each shortcut is scored by
+    exact_cost = sum(c for _, c in exact_runs)
     for name, pick in SHORTCUTS.items():
         worst, differ, cost = 0.0, 0, 0.0
-        for tb in tabs:
+        for tb, (k_exact, _) in zip(tabs, exact_runs, strict=True):
             t = tb.target()
-            k_exact, _ = exact(tb)
             k, c = pick(tb)
             loss = 10 * math.log10(max(tb.err(k, t), 1e-30) / max(tb.err(k_exact, t), 1e-30))
             worst, differ, cost = max(worst, loss), differ + (k != k_exact), cost + c

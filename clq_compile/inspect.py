@@ -8,6 +8,7 @@ from tabulate import tabulate, tabulate_formats
 
 from clq_compile.errors import ConfigError
 from clq_compile.lowrank import storage_dtype
+from clq_compile.model import QuantizedModel
 from clq_compile.passes.rewrite import quant_linear_nodes
 from clq_compile.plan import LayerPlan, Plan
 
@@ -104,8 +105,6 @@ def summary(qm: Any) -> str:
 
 def inspect(qm: Any, tablefmt: str = "simple") -> str:
     """A per-layer table (tabulate) of a ``QuantizedModel`` plus a summary line."""
-    from clq_compile.model import QuantizedModel
-
     if not isinstance(qm, QuantizedModel):
         raise TypeError(f"clq.inspect takes a QuantizedModel (what clq.quantize or clq.load "
                         f"returns), got {type(qm).__name__}")

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from tabulate import tabulate
 
 from clq_compile.api import quantize
-from clq_compile.eval.judge import ShapeJudge, accuracy
+from clq_compile.eval.judge import ShapeJudge, accuracy, labels_of, margins_of
 from clq_compile.eval.sampler import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
@@ -234,8 +234,8 @@ def evaluate(transformer: torch.nn.Module, encoder: CaptionEncoder, judge: Shape
     t0 = time.time()
     fp_images = sample(transformer, encoder, captions, seeds, recorder=recorder, **common)
     fp_s = time.time() - t0
-    fp_read = judge.predict(fp_images)
-    fp_margin = judge.margins(fp_images)  # (N, 3)
+    fp_logits = judge.logits(fp_images)  # one judge pass: labels and margins
+    fp_read, fp_margin = labels_of(fp_logits), margins_of(fp_logits)  # (N, 3) each
     fp_rank = fp_margin.argsort(dim=0, stable=True).argsort(dim=0, stable=True)
     results = [MethodResult(FP_KEY[0], FP_KEY[1], *_score(fp_read, labels), None, None,
                             None, None, 0.0, fp_s)]

@@ -62,15 +62,24 @@ class ShapeJudge(nn.Module):
 
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Predicted labels ``(B, 3)`` = (shape, colour, position)."""
-        logits = self.logits(images, batch_size)
-        return torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1)
+        return labels_of(self.logits(images, batch_size))
 
     def margins(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """``(B, 3)`` top-1 minus top-2 probability per attribute: how far each reading is
-        from a tie (a sample near 0 flips under any small redrawing)."""
-        logits = self.logits(images, batch_size)
-        top = [logits[a].softmax(-1).topk(2, dim=-1).values for a in ATTRIBUTES]
-        return torch.stack([t[:, 0] - t[:, 1] for t in top], dim=1)
+        """:func:`margins_of` the images' logits."""
+        return margins_of(self.logits(images, batch_size))
+
+
+def labels_of(logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, 3)`` labels from :meth:`ShapeJudge.logits` (one judge pass serves both this
+    and :func:`margins_of`)."""
+    return torch.stack([logits[a].argmax(-1) for a in ATTRIBUTES], dim=1)
+
+
+def margins_of(logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, 3)`` top-1 minus top-2 probability per attribute: how far each reading is
+    from a tie (a sample near 0 flips under any small redrawing)."""
+    top = [logits[a].softmax(-1).topk(2, dim=-1).values for a in ATTRIBUTES]
+    return torch.stack([t[:, 0] - t[:, 1] for t in top], dim=1)
 
 
 def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
