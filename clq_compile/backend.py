@@ -10,9 +10,11 @@ Two traps shape this file (see ecosystem.md §1):
   into whatever weight arrives, so the result stays exact in float for every block.
 
 So the packing stays in Python, outside what Inductor compiles: the rewritten graph's
-packers are cut off and their outputs become graph inputs (``split_packers``); Inductor
-compiles the rest (norms, modulation, attention, the ``clq`` ops as extern kernels), and
-each call packs (cache hit: one fingerprint per weight) then runs the compiled graph.
+packers are cut off and their outputs become graph inputs (``split_packers``). On a GPU
+the ``clq`` ops are then lowered to the ``clq_triton`` triton_ops (``lower_inputs``), so
+Inductor compiles the Triton kernels with the rest (norms, modulation, attention); a
+route's unpacked weight is made beside the packing, outside the graph. Each call packs
+(cache hit: one fingerprint per weight) then runs the compiled graph.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import torch.fx as fx
 from clq_compile.build import build_plan, resolve
 from clq_compile.calibration import as_calls
 from clq_compile.errors import CalibrationError, ConfigError
+from clq_compile.lowering.triton.dispatch import triton_available
+from clq_compile.lowering.triton.lower import LowerToKernels
+from clq_compile.lowering.triton.routes import unpacked_weight
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.share_inputs import plan_passes
 from clq_compile.weight_cache import CHECKS, WeightPacker, set_check
@@ -98,7 +103,11 @@ def clq_backend(
     accepted as ``torch.compile``'s own ``mode=`` argument. ``repack``: how a call knows a
     weight changed since it was packed: ``"content"`` (default; a fingerprint read of
     every weight per call) or ``"version"`` (same tensor, same ``_version``; no read and
-    no GPU sync per call, for serving; ``.data`` writes such as a LoRA fuse go unseen)."""
+    no GPU sync per call, for serving; ``.data`` writes such as a LoRA fuse go unseen).
+    ``kernels``: lower the ``clq`` ops to the ``clq_triton`` triton_ops at compile time
+    (``lowering.triton.lower``), so Inductor compiles the Triton kernels into its own code
+    and no per-call dispatch runs (default: when the inputs are on a GPU and Triton is
+    installed; ``False`` keeps the ops as extern calls)."""
     opts = dict(options or {})
     recipe = opts.pop("recipe", "rtn")
     bits = opts.pop("bits", "w4a4")
@@ -106,6 +115,9 @@ def clq_backend(
     mode = opts.pop("mode", mode)
     inductor = opts.pop("inductor", None)
     repack = opts.pop("repack", "content")
+    kernels = opts.pop("kernels", None)
+    if kernels not in (None, True, False):
+        raise ConfigError(f"option kernels={kernels!r}; choose True, False or None (auto)")
     if repack not in CHECKS:
         raise ConfigError(f"option repack={repack!r}; choose one of {CHECKS}")
     if mode not in inductor_modes():
@@ -151,9 +163,12 @@ def clq_backend(
     log.info("clq backend: %d/%d linears quantized (%s %s)", len(plan.quantized_layers()),
              len(plan.layers), config.name, spec.name)
 
+    on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     if inductor is None:
-        inductor = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    run = _inductor(gm, example_inputs, mode) if inductor else _eager(gm)
+        inductor = on_gpu
+    if kernels is None:
+        kernels = on_gpu and triton_available()[0]
+    run = _compiled(gm, example_inputs, mode if inductor else False, kernels)
     run.clq_plan = plan  # type: ignore[attr-defined]
     run.graph_module = gm  # type: ignore[attr-defined]
     run.inductor = inductor  # type: ignore[attr-defined]
@@ -164,14 +179,6 @@ def inductor_modes() -> tuple[str | None, ...]:
     from torch._inductor import list_mode_options
 
     return (None, *list_mode_options(None))
-
-
-def _eager(gm: fx.GraphModule) -> Callable[..., Any]:
-    def run(*args: Any) -> Any:
-        with torch.no_grad():
-            return gm(*args)
-
-    return run
 
 
 def split_packers(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[WeightPacker, int]]]:
@@ -201,22 +208,51 @@ def split_packers(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[Weight
     return inner, packers
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None
-              ) -> Callable[..., Any]:
+def lower_inputs(
+    inner: fx.GraphModule, example_inputs: list[Any], capability: Any = "device"
+) -> tuple[fx.GraphModule, Callable[[list[Any]], list[Any]], LowerToKernels]:
+    """Lower ``inner`` (packers already cut off) to the kernels; returns it, the function
+    that turns each call's inputs into the lowered graph's (packed weights a route needs
+    unpacked are converted, cached per packed tensor) and the pass (its ``declined``)."""
+    lowering = LowerToKernels(example_inputs, capability)
+    inner = lowering(inner).gm
+    derive = dict(lowering.derive)
+
+    def convert(flat: list[Any]) -> list[Any]:
+        for i, (w_bits, route) in derive.items():
+            flat[i] = unpacked_weight(flat[i], w_bits, route)
+        return flat
+
+    return inner, convert, lowering
+
+
+def _compiled(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None | bool,
+              kernels: bool) -> Callable[..., Any]:
+    """Run ``gm`` eagerly (``mode`` False) or through Inductor; packing stays outside."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     inner, packers = split_packers(gm)
 
-    def packs(args: list[Any] | tuple[Any, ...]) -> list[torch.Tensor]:
-        return [t for packer, i in packers for t in packer(args[i])]
+    def flat(args: list[Any] | tuple[Any, ...]) -> list[Any]:
+        return [*args, *(t for packer, i in packers for t in packer(args[i]))]
 
-    with torch.no_grad():  # an inference graph: the clq ops have no autograd formula
-        compiled = compile_fx(inner, [*example_inputs, *packs(example_inputs)],
-                              config_patches=list_mode_options(mode or "default"))
+    convert: Callable[[list[Any]], list[Any]] = list
+    declined: dict[str, str] = {}
+    if kernels:
+        inner, convert, lowering = lower_inputs(inner, flat(example_inputs))
+        declined = lowering.declined
+    if mode is False:
+        compiled: Callable[..., Any] = inner
+    else:
+        with torch.no_grad():  # an inference graph: the clq ops have no autograd formula
+            compiled = compile_fx(inner, convert(flat(example_inputs)),
+                                  config_patches=list_mode_options(mode or "default"))
 
     def run(*args: Any) -> Any:
         with torch.no_grad():
-            return compiled(*args, *packs(args))
+            return compiled(*convert(flat(args)))
 
+    run.lowered = inner if kernels else None  # type: ignore[attr-defined]
+    run.declined = declined  # type: ignore[attr-defined]
     return run

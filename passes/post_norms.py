@@ -23,7 +23,7 @@ from clq_compile.annotations import (
 from clq_compile.passes.blocks import BLOCK_KEY
 from clq_compile.passes.graph_utils import is_norm, reach_forward
 from clq_compile.passes.infra import GraphPass, PassResult
-from clq_compile.passes.rewrite import _const, _safe
+from clq_compile.passes.rewrite import const_node, safe_name
 from clq_compile.passes.roles import RESHAPE_OPS
 from clq_compile.plan import Plan
 
@@ -77,7 +77,7 @@ class AddNormBiases(GraphPass):
             v = norm.meta.get("val")
             like = v if isinstance(v, torch.Tensor) else torch.empty(0)
             with gm.graph.inserting_after(norm):
-                bias = _const(gm, f"clq_dac_{_safe(site)}",
+                bias = const_node(gm, f"clq_dac_{safe_name(site)}",
                               self.plan.dac[site].to(like.device, like.dtype))
             with gm.graph.inserting_after(bias):
                 add = gm.graph.call_function(ADD, (norm, bias))

@@ -28,11 +28,11 @@ QUANT_LINEAR = torch.ops.clq.quant_linear.default
 TRANSFORM = torch.ops.clq.transform.default
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
 
-def _const(gm: fx.GraphModule, name: str, t: torch.Tensor | None) -> fx.Node | None:
+def const_node(gm: fx.GraphModule, name: str, t: torch.Tensor | None) -> fx.Node | None:
     """A buffer holding ``t``; equal constants (every group's Hadamard block) share one."""
     if t is None:
         return None
@@ -57,7 +57,7 @@ def _insert_transform(gm: fx.GraphModule, x: fx.Node, group: int, tp: TransformP
     if isinstance(val, torch.Tensor):  # the transform's constants live where x does
         tp = tp.on(val.device)
     with graph.inserting_before(t):
-        consts = [_const(gm, f"clq_t{group}_{k}", getattr(tp, k))
+        consts = [const_node(gm, f"clq_t{group}_{k}", getattr(tp, k))
                   for k in ("perm", "smooth", "rot")]
     t.args = (x, *consts)
     return t
@@ -77,8 +77,8 @@ def _insert_policy_rows(gm: fx.GraphModule, policy: TimestepPolicy) -> fx.Node:
     with graph.inserting_after(placeholders[-1]):
         rows = graph.call_function(timestep_rows, (t, None, None))
     with graph.inserting_before(rows):
-        rows.args = (t, _const(gm, "clq_timestep_times", policy.times.to(device)),
-                     _const(gm, "clq_timestep_a8", policy.a8.to(device)))
+        rows.args = (t, const_node(gm, "clq_timestep_times", policy.times.to(device)),
+                     const_node(gm, "clq_timestep_a8", policy.a8.to(device)))
     return rows
 
 
@@ -100,13 +100,13 @@ SELECT = torch.ops.aten.select.int
 def packed_constants(gm: fx.GraphModule, node: fx.Node, plan: Plan,
                      lp: LayerPlan) -> tuple[fx.Node, fx.Node]:
     packed = planned_weight(plan, lp, weight_tensor(gm, node))
-    base = f"clq_{_safe(lp.name)}"
+    base = f"clq_{safe_name(lp.name)}"
     branch = None
     if packed.up is not None:
-        branch = (_const(gm, f"{base}_lr_up", packed.up), _const(gm, f"{base}_lr_down",
+        branch = (const_node(gm, f"{base}_lr_up", packed.up), const_node(gm, f"{base}_lr_down",
                                                                   packed.down))
-    return (_const(gm, f"{base}_w_q", packed.w_q), _const(gm, f"{base}_w_scale", packed.w_scale),
-            branch)
+    return (const_node(gm, f"{base}_w_q", packed.w_q),
+            const_node(gm, f"{base}_w_scale", packed.w_scale), branch)
 
 
 def runtime_packer(gm: fx.GraphModule, node: fx.Node, plan: Plan,
@@ -114,7 +114,7 @@ def runtime_packer(gm: fx.GraphModule, node: fx.Node, plan: Plan,
     if lp.name in plan.weights:
         raise ValueError(f"layer {lp.name}: a solved (GPTQ) weight cannot be re-packed from "
                          "the weight that arrives at call time")
-    name = f"clq_pack_{_safe(lp.name)}"
+    name = f"clq_pack_{safe_name(lp.name)}"
     gm.add_submodule(name, WeightPacker(lp, plan.transform_of(lp)))
     packed = gm.graph.call_module(name, (node.args[1],))
     return (gm.graph.call_function(_getitem, (packed, 0)),
@@ -167,7 +167,7 @@ class RewriteLinears(GraphPass):
                 x = transformed[lp.group]
             with graph.inserting_before(node):
                 if self.weights == "float":
-                    w = _const(gm, f"clq_{_safe(lp.name)}_w_rot",
+                    w = const_node(gm, f"clq_{safe_name(lp.name)}_w_rot",
                                fold_weight(weight_tensor(gm, node), tp))
                     node.args = (x, w, *node.args[2:])
                     modified = True

@@ -35,11 +35,11 @@ from clq_compile.passes.rewrite import (
     QUANT_LINEAR,
     TRANSFORM,
     RewriteLinears,
-    _const,
-    _safe,
+    const_node,
     drop_unused_attributes,
     ensure_planned_layers,
     quant_linear_nodes,
+    safe_name,
 )
 from clq_compile.plan import Plan
 
@@ -63,7 +63,7 @@ def _cat(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> fx.Node:
     """One node holding ``nodes`` concatenated along dim 0: a constant when they all are
     (the packed weights), else a ``cat`` run per call (weights packed at call time)."""
     if all(n.op == "get_attr" for n in nodes):
-        return _const(gm, name, torch.cat([fetch_attr(gm, n.target) for n in nodes]))
+        return const_node(gm, name, torch.cat([fetch_attr(gm, n.target) for n in nodes]))
     return gm.graph.call_function(aten.cat.default, (nodes, 0))
 
 
@@ -117,7 +117,7 @@ class ShareQuantizedInputs(GraphPass):
         graph, first = gm.graph, members[0]
         names = [name for m in members for name in layer_names(m)]
         sizes = [self.plan.layers[name].out_features for name in names]
-        base = f"clq_{_safe(names[0])}_x{len(names)}"
+        base = f"clq_{safe_name(names[0])}_x{len(names)}"
         with graph.inserting_before(first):
             w_q = _cat(gm, [m.args[_W_Q] for m in members], f"{base}_w_q")
             w_scale = _cat(gm, [m.args[_W_SCALE] for m in members], f"{base}_w_scale")

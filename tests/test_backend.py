@@ -307,6 +307,7 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
     ({"mode": "fastest"}, "mode='fastest'"),
     ({"inductor": False, "mode": "reduce-overhead"}, "needs inductor=True"),
     ({"inductor": "yes"}, "inductor='yes'"),
+    ({"kernels": "auto"}, "kernels='auto'"),
     ({"weights": "twinlog"}, "weights='twinlog' is solved from the weights once"),
     ({"dac": True}, "dac=True is solved from the weights once"),
     ({"dsq": True}, "dsq=True is solved from the weights once"),

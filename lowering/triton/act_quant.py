@@ -19,13 +19,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs
 from clq_compile.lowering.triton.derived import derived
 from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
-from clq_compile.lowering.triton.support import RowPlan, Unsupported, plan_rows
-from clq_compile.lzs import GROUPS as LZS_GROUPS
+from clq_compile.lowering.triton.support import (
+    CONTAINERS,
+    RowPlan,
+    Unsupported,
+    plan_quantize,
+    plan_rows,
+)
 from clq_compile.quant import EPS
 
 # tl.dot precision of the fp32 rotation. "tf32x3" (three tf32 MMAs) keeps ~fp32 accuracy
@@ -36,7 +42,6 @@ from clq_compile.quant import EPS
 ROT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 DEFAULT_ROT_PRECISION = "ieee" if configs.interpreting() else "tf32x3"
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
-CONTAINERS = {"packed": 0, "int8": 1, "fp8": 2}
 _PROLOGUE_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}  # clq_compile.ops.PROLOGUES
 
 
@@ -243,13 +248,17 @@ def _round_code(dtype: torch.dtype) -> int:
     return {torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}.get(dtype, _ROUND_NONE)
 
 
-def _rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+def rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     """(the tile the kernel loads, ROT_OUTER). A Sylvester Hadamard above FACTOR_INNER runs
     factored (any block size fits every GPU); another matrix runs dense up to
-    MAX_DENSE_ROT. Checked once per rotation tensor and device (the check syncs; it must
-    not run inside CUDA-graph capture)."""
+    MAX_DENSE_ROT. Checked once per rotation tensor and device: the check reads the
+    values, so it must run on a real tensor, outside CUDA-graph capture and outside a
+    trace (``lower.LowerToKernels`` runs it on the graph constant at compile time).
+    Raises :class:`Unsupported`."""
     def make(r: torch.Tensor) -> tuple[torch.Tensor, int]:
         b = r.shape[0]
+        if r.ndim != 2 or r.shape[1] != b:
+            return r, 1  # not one square block: plan_rows refuses it, saying why
         dense = r.to(device=device, dtype=torch.float32).contiguous()
         if b > configs.FACTOR_INNER and torch.equal(dense, hadamard(b).to(device)):
             inner = configs.FACTOR_INNER
@@ -263,11 +272,18 @@ def _rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Te
     return derived(rot, ("rotation", str(device)), make)
 
 
+def _rot_shape(rot_tile: torch.Tensor | None, rot_outer: int) -> tuple[int, ...] | None:
+    if rot_tile is None:
+        return None
+    return tuple(d * rot_outer for d in rot_tile.shape)
+
+
 def _launch(
     x: torch.Tensor,
     perm: torch.Tensor | None,
     smooth: torch.Tensor | None,
-    rot: torch.Tensor | None,
+    rot_tile: torch.Tensor | None,
+    rot_outer: int,
     plan: RowPlan,
     out: torch.Tensor,
     scale: torch.Tensor | None,
@@ -282,22 +298,21 @@ def _launch(
     m = x2.shape[0]
     if m == 0:
         return
-    rot_f, outer = _rotation_operand(rot, x.device) if rot is not None else (None, 1)
     mode = 0 if plan.bits == 0 else 3 if lzs_group else (2 if plan.group else 1)
     dummy = x2  # never dereferenced when the matching flag is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _rows_kernel[grid](
+    wrap_triton(_rows_kernel)[grid](
         x2,
         perm.to(x.device).contiguous() if perm is not None else dummy,
         smooth.to(x.device).contiguous() if smooth is not None else dummy,
-        rot_f if rot_f is not None else dummy,
+        rot_tile if rot_tile is not None else dummy,
         out,
         scale if scale is not None else dummy,
         m, plan.k, x2.stride(0), x2.stride(1), out.stride(0),
         scale.stride(0) if scale is not None else 0,
-        float(clip), configs.m_bucket(m),
+        float(clip), configs.m_bucket(int(m)),
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, ROT_B=plan.rot_block,
-        ROT_OUTER=outer,
+        ROT_OUTER=rot_outer,
         ROUND_TO=round_to, OUT_ROUND=_round_code(out.dtype) if plan.bits == 0 else 0,
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, lzs_group, 1),
@@ -338,31 +353,41 @@ def rotate_quantize(
     multiply with a per-group shift to run the coded form on.
     Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
-    if not 0.0 < clip <= 1.0:
-        raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
-    if container not in CONTAINERS:
-        raise ValueError(f"container {container!r} not in {tuple(CONTAINERS)}")
-    if prologue not in _PROLOGUE_CODES:
-        raise ValueError(f"prologue {prologue!r} not in {tuple(_PROLOGUE_CODES)}")
-    if container == "fp8" and bits != 4:
-        raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
-    if lzs_group:
-        if bits != 8 or group or lzs_group not in LZS_GROUPS or x.shape[-1] % lzs_group:
-            raise Unsupported(f"LZS group {lzs_group} needs 8-bit per-token codes and a "
-                              f"group in {LZS_GROUPS} dividing K={x.shape[-1]}")
-    plan = plan_rows(x, perm, smooth, rot, bits, group)
-    if lzs_group and plan.block_k % lzs_group:
-        raise Unsupported(f"K tile {plan.block_k} does not hold whole LZS groups")
+    tile, outer = rotation_operand(rot, x.device) if rot is not None else (None, 1)
+    return quantize_rows(x, perm, smooth, tile, outer, bits, group, clip,
+                         round_to_input_dtype, rot_precision, container, prologue, lzs_group)
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot_tile: torch.Tensor | None,
+    rot_outer: int,
+    bits: int,
+    group: int = 0,
+    clip: float = 1.0,
+    round_to_input_dtype: bool = True,
+    rot_precision: str | None = None,
+    container: str = "packed",
+    prologue: str | None = None,
+    lzs_group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rotate_quantize` with the rotation already in kernel form
+    (:func:`rotation_operand`): no value is read on the host, so a trace (make_fx,
+    Inductor) records the launch as a user-defined Triton kernel."""
+    plan = plan_quantize(x, perm, smooth, _rot_shape(rot_tile, rot_outer), bits, group, clip,
+                         container, prologue, lzs_group)
     m = x.numel() // plan.k if plan.k else 0
-    store = CONTAINERS[container]
+    store = CONTAINERS.index(container)
     width = plan.k // 2 if bits == 4 and store == 0 else plan.k
     dtype = torch.float8_e4m3fn if store == 2 else torch.int8
     q = torch.empty((m, width), dtype=dtype, device=x.device)
     n_groups = plan.k // plan.group if plan.group else 1
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
-    _launch(x, perm, smooth, rot, plan, q, scale, clip, round_to, rot_precision, store,
-            prologue, lzs_group)
+    _launch(x, perm, smooth, rot_tile, rot_outer, plan, q, scale, clip, round_to,
+            rot_precision, store, prologue, lzs_group)
     return q, scale
 
 
@@ -374,8 +399,21 @@ def transform(
     rot_precision: str | None = None,
 ) -> torch.Tensor:
     """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype."""
-    plan = plan_rows(x, perm, smooth, rot, 0, 0)
+    tile, outer = rotation_operand(rot, x.device) if rot is not None else (None, 1)
+    return transform_rows(x, perm, smooth, tile, outer, rot_precision)
+
+
+def transform_rows(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot_tile: torch.Tensor | None,
+    rot_outer: int,
+    rot_precision: str | None = None,
+) -> torch.Tensor:
+    """:func:`transform` with the rotation in kernel form (see :func:`quantize_rows`)."""
+    plan = plan_rows(x, perm, smooth, _rot_shape(rot_tile, rot_outer), 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, perm, smooth, rot, plan, out.view(-1, plan.k), None, 1.0, _ROUND_NONE,
-            rot_precision)
+    _launch(x, perm, smooth, rot_tile, rot_outer, plan, out.view(-1, plan.k), None, 1.0,
+            _ROUND_NONE, rot_precision)
     return out

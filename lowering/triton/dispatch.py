@@ -5,8 +5,11 @@ the GEMM of the route ``routes.choose`` picks: packed int4, int8-stored or fp8
 ``_scaled_mm``; weight-only when ``a_bits`` is 16) and ``clq::transform`` (the same row
 kernel in transform-only mode). CPU calls keep the reference implementations.
 
-``quant_linear_triton`` / ``transform_triton`` are the registered functions; they also run
-on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests this exact path. A
+``quant_linear_triton`` / ``transform_triton`` are the registered functions: they decide
+(:func:`plan_linear`), make the derived operands (unpacked weight, the rotation's kernel
+form; cached per tensor) and call the ``clq_triton`` triton_ops (``kernel_ops``) that
+``lower.LowerToKernels`` puts in compiled graphs. They also run on CPU tensors under
+``TRITON_INTERPRET=1``, which is how CI tests this exact path. A
 call the kernels do not take (shape, group, dtype, GPU generation), or for which no
 autotune config fits this GPU (``OutOfResources``), runs the reference instead, with the
 reason logged once per shape.
@@ -22,14 +25,20 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from clq_compile.lowering.triton import configs, routes
-from clq_compile.lowering.triton.support import Unsupported, plan_gemm
-from clq_compile.ops import apply_prologue, quant_linear_reference, transform_reference
+from clq_compile.lowering.triton.support import (
+    Unsupported,
+    plan_gemm,
+    plan_quantize,
+    plan_rows,
+)
+from clq_compile.ops import quant_linear_reference, transform_reference
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _kernels(name: str) -> ModuleType:
+def kernels(name: str) -> ModuleType:
     return importlib.import_module(f"clq_compile.lowering.triton.{name}")
 
 
@@ -76,7 +85,7 @@ def _reason(e: BaseException) -> str:
     return str(e) if isinstance(e, Unsupported) else f"{type(e).__name__}: {e}"
 
 
-def _device_reason(x: Tensor) -> str:
+def device_reason(x: Tensor) -> str:
     if x.device.type == "cuda":
         cap = torch.cuda.get_device_capability(x.device)
         if cap < MIN_CAPABILITY:
@@ -90,6 +99,77 @@ def _device_reason(x: Tensor) -> str:
 def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
     """Launch on x's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """How the kernels run one ``clq::quant_linear`` call: the static part of
+    ``clq_triton::quant_linear``'s arguments (route, effective bits and groups). Made by
+    :func:`plan_linear` from shapes and dtypes only, so the eager dispatch (per call) and
+    ``lower.LowerToKernels`` (once, at compile time) take the same decision."""
+
+    route: str
+    w_bits: int
+    a_bits: int
+    a_group: int
+    a_clip: float
+    prologue: str | None
+    lzs_group: int
+
+    def weight(self, w_q: Tensor) -> Tensor:
+        """The weight operand of this call's GEMM (int8 / fp8 unpacked, cached per tensor)."""
+        if self.route == "packed" or self.a_bits == 16:
+            return w_q
+        return routes.unpacked_weight(w_q, self.w_bits, self.route)
+
+    def args(self) -> tuple:
+        """The trailing arguments of ``clq_triton::quant_linear``."""
+        return (self.route, self.w_bits, self.a_bits, self.a_group, self.a_clip,
+                self.prologue, self.lzs_group)
+
+
+def plan_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, w_bits: int, a_bits: int, a_group: int,
+    a_clip: float, perm: Tensor | None = None, smooth: Tensor | None = None,
+    rot: Tensor | None = None, prologue: str | None = None, a_format: str = "int",
+    w_format: str = "int", a8_rows: bool = False, route: str | None = None,
+    capability: tuple[int, int] | None = None,
+) -> LinearCall:
+    """Whether the kernels take a ``clq::quant_linear`` call, and how; reads only shapes
+    and dtypes (x may be a fake tensor). ``capability``: the CUDA device's (None: not a
+    GPU, the route off Hopper). Raises :class:`Unsupported` with the reason."""
+    if a8_rows:
+        raise Unsupported("per-sample activation bits (timestep_bits): the kernels "
+                          "quantize every row to one width")
+    if w_format != "int":
+        raise Unsupported(f"{w_format} weights: the GEMMs take integer weights with scales, "
+                          "not a per-row table")
+    lzs_group = 0
+    if a_format == "lzs":  # int8 codes, truncated per group (quantize_rows)
+        a_bits, a_group, lzs_group = 8, 0, a_group
+    elif a_format != "int":
+        raise Unsupported(f"activation format {a_format!r}")
+    k, n = x.shape[-1], w_q.shape[0]
+    if a_bits < 16 and a_group and k % a_group:
+        raise Unsupported(f"activation group {a_group} does not divide K={k}")
+    if route is None:
+        route = routes.choose(capability, x.dtype, w_bits, a_bits, a_group, w_scale.shape[1],
+                              k, n)
+    elif route not in routes.ROUTES:
+        raise ValueError(f"route {route!r} not in {routes.ROUTES}")
+    g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
+    plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
+    if a_bits == 16:
+        if any(t is not None for t in (perm, smooth, rot)):
+            plan_rows(x, perm, smooth, rot, 0, 0)
+    else:
+        plan_quantize(x, perm, smooth, rot, a_bits, a_group, a_clip, route, prologue,
+                      lzs_group)
+    return LinearCall(route, w_bits, a_bits, a_group, a_clip, prologue, lzs_group)
+
+
+def capability_of(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def quant_linear_triton(
@@ -110,82 +190,35 @@ def quant_linear_triton(
     a8_rows: Tensor | None = None,
     route: str | None = None,
 ) -> Tensor:
-    """``clq::quant_linear`` on the kernels: transform and quantize x per token/group (one
-    launch), then the GEMM of the route :func:`routes.choose` picks (or ``route``, for
-    benchmarks); output in x's dtype."""
+    """``clq::quant_linear`` on the kernels: :func:`plan_linear` decides, then
+    ``clq_triton::quant_linear`` transforms and quantizes x (one launch) and runs the
+    route's GEMM (``route`` forces one, for benchmarks); output in x's dtype."""
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
            a_bits, a_group, perm is not None, smooth is not None,
            None if rot is None else tuple(rot.shape), prologue, a_format, w_format,
            a8_rows is not None)
-    transform = (perm, smooth, rot)
-    reason = _device_reason(x)
+    reason = device_reason(x)
     if not reason:
         try:
             with _on_device(x):
-                if a8_rows is not None:
-                    raise Unsupported("per-sample activation bits (timestep_bits): the "
-                                      "kernels quantize every row to one width")
-                if w_format != "int":
-                    raise Unsupported(f"{w_format} weights: the GEMMs take integer weights "
-                                      "with scales, not a per-row table")
-                if a_format == "lzs":  # int8 codes, truncated per group (rotate_quantize)
-                    return _quant_linear(x, w_q, w_scale, bias, w_bits, 8, 0, a_clip,
-                                         transform, prologue, route, lzs_group=a_group)
-                if a_format != "int":
-                    raise Unsupported(f"activation format {a_format!r}")
-                return _quant_linear(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                     transform, prologue, route)
+                call = plan_linear(x, w_q, w_scale, w_bits, a_bits, a_group, a_clip, perm,
+                                   smooth, rot, prologue, a_format, w_format,
+                                   a8_rows is not None, route, capability_of(x.device))
+                tile, outer = rotation_operand(rot, x.device)
+                kernels("kernel_ops")  # defines torch.ops.clq_triton
+                return torch.ops.clq_triton.quant_linear(
+                    x, call.weight(w_q), w_scale, bias, perm, smooth, tile, outer, *call.args())
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  *transform, prologue, a_format, w_format, a8_rows)
+                                  perm, smooth, rot, prologue, a_format, w_format, a8_rows)
 
 
-def _quant_linear(
-    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
-    w_bits: int, a_bits: int, a_group: int, a_clip: float,
-    transform: tuple[Tensor | None, Tensor | None, Tensor | None], prologue: str | None,
-    route: str | None, lzs_group: int = 0,
-) -> Tensor:
-    qgemm = _kernels("qgemm")
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    n = w_q.shape[0]
-    if x2.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    # Check the GEMM before launching the quantize kernel, so a fallback wastes nothing.
-    if a_bits < 16 and a_group and k % a_group:
-        raise Unsupported(f"activation group {a_group} does not divide K={k}")
-    if route is None:
-        cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else None
-        route = routes.choose(cap, x.dtype, w_bits, a_bits, a_group, w_scale.shape[1], k, n)
-    elif route not in routes.ROUTES:
-        raise ValueError(f"route {route!r} not in {routes.ROUTES}")
-    g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
-    plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
-    if a_bits == 16:
-        x2 = apply_prologue(x2, prologue)  # weight-only: no quantizer to fuse it into
-        if any(t is not None for t in transform):
-            x2 = _kernels("act_quant").transform(x2, *transform)
-        y = qgemm.quant_matmul(x2, None, w_q, w_scale, bias, a_bits=16, w_bits=w_bits,
-                               out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], n)
-    # The route decides how the quantizer stores the integers ("packed" keeps int4 pairs).
-    # Rounded to x's dtype before quantizing, as clq::transform's output would be.
-    a, a_scale = _kernels("act_quant").rotate_quantize(x2, *transform, a_bits, a_group, a_clip,
-                                                       container=route, prologue=prologue,
-                                                       lzs_group=lzs_group)
-    if route == "fp8":
-        y = routes.fp8_matmul(a, a_scale, w_q, w_scale, bias, x.dtype)
-    elif route == "int8":
-        w8 = routes.unpacked_weight(w_q, w_bits, "int8")
-        y = qgemm.quant_matmul(a, a_scale, w8, w_scale, bias, a_bits=8, w_bits=8,
-                               out_dtype=x.dtype)
-    else:
-        y = qgemm.quant_matmul(a, a_scale, w_q, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
-                               out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+def rotation_operand(rot: Tensor | None, device: torch.device) -> tuple[Tensor | None, int]:
+    if rot is None:
+        return None, 1
+    return kernels("act_quant").rotation_operand(rot, device)
 
 
 def transform_triton(
@@ -194,11 +227,14 @@ def transform_triton(
     """``clq::transform`` on the row kernel (fp32 math, output in x's dtype)."""
     key = (tuple(x.shape), str(x.dtype), None if rot is None else tuple(rot.shape),
            perm is not None, smooth is not None)
-    reason = _device_reason(x)
+    reason = device_reason(x)
     if not reason:
         try:
             with _on_device(x):
-                return _kernels("act_quant").transform(x, perm, smooth, rot)
+                plan_rows(x, perm, smooth, rot, 0, 0)
+                tile, outer = rotation_operand(rot, x.device)
+                kernels("kernel_ops")
+                return torch.ops.clq_triton.transform(x, perm, smooth, tile, outer)
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("transform", key, reason)

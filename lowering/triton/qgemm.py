@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from clq_compile.lowering.triton import configs
 from clq_compile.lowering.triton.jit_helpers import round_to_bf16, unpack_hi, unpack_lo
@@ -250,9 +251,9 @@ def quant_matmul(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
     )
-    kernel[grid](
+    wrap_triton(kernel)[grid](
         a, a_scale_t, w_q, w_scale, bias if bias is not None else w_scale, out,
-        m, n, k, plan.seg, plan.a_group, plan.w_group, configs.m_bucket(m),
+        m, n, k, plan.seg, plan.a_group, plan.w_group, configs.m_bucket(int(m)),
         a.stride(0), a.stride(1), a_scale_t.stride(0), w_q.stride(0), w_q.stride(1),
         w_scale.stride(0), out.stride(0), out.stride(1),
         A_KIND=a_kind, W_PACKED=plan.w_packed, GROUPED=plan.grouped,

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor
 
 from clq_compile.lowering.triton.derived import derived, tensor_bytes
+from clq_compile.lowering.triton.support import CONTAINERS
 from clq_compile.quant import unpack_int4
 
 log = logging.getLogger(__name__)
-ROUTES = ("packed", "int8", "fp8")  # each also names the quantizer's container for it
+ROUTES = CONTAINERS  # each route names the quantizer's container for it
 _bias_in_epilogue = True  # cleared once if this torch's row-wise _scaled_mm refuses a bias
 HOPPER = (9, 0)
 
@@ -69,16 +70,16 @@ def weight_cache_bytes() -> int:
 
 
 def fp8_matmul(
-    a: Tensor, a_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+    a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    """(M, N) = (a · w_intᵀ) ⊙ s_a ⊙ s_w + bias with ``a`` (M, K) e4m3 holding int4 values.
+    """(M, N) = (a · wᵀ) ⊙ s_a ⊙ s_w + bias with ``a`` (M, K) and ``w`` (N, K) e4m3 holding
+    int4 values (``w`` from :func:`unpacked_weight`).
 
     The bias goes into cuBLASLt's epilogue: a separate add was 20% of the GPU time of a
     W4A4 PixArt-α forward on the H200 (profile in benchmarks/results/e2e_nvidia-h200.json).
     A torch build whose row-wise kernel refuses a bias gets the add afterwards."""
     global _bias_in_epilogue
-    w = unpacked_weight(w_q, 4, "fp8")
     kw = dict(scale_a=a_scale.reshape(-1, 1).float(), scale_b=w_scale.reshape(1, -1).float(),
               out_dtype=torch.bfloat16)
     if bias is not None and _bias_in_epilogue:

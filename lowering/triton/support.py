@@ -13,8 +13,13 @@ import torch
 
 from clq_compile.hadamard import is_pow2
 from clq_compile.lowering.triton import configs
+from clq_compile.lzs import GROUPS as LZS_GROUPS
+from clq_compile.ops import PROLOGUES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# How the quantizer stores integers, one per GEMM route (routes.ROUTES): int4 pairs / int8,
+# one int8 per element, float8 e4m3.
+CONTAINERS = ("packed", "int8", "fp8")
 
 
 class Unsupported(ValueError):
@@ -41,12 +46,13 @@ def plan_rows(
     x: torch.Tensor,
     perm: torch.Tensor | None,
     smooth: torch.Tensor | None,
-    rot: torch.Tensor | None,
+    rot: torch.Tensor | tuple[int, ...] | None,
     bits: int,
     group: int,
     interpret: bool | None = None,
 ) -> RowPlan:
-    """Check a transform / activation-quantize call and pick its K tile."""
+    """Check a transform / activation-quantize call and pick its K tile. ``rot``: the
+    rotation or only its shape (a traced call has the factored tile, not the matrix)."""
     if x.dtype not in FLOAT_DTYPES:
         raise Unsupported(f"activation dtype {x.dtype} (kernels take fp32/bf16/fp16)")
     k = x.shape[-1] if x.ndim else 0
@@ -62,13 +68,14 @@ def plan_rows(
         raise Unsupported(f"smooth must be a vector of length {k}, got {tuple(smooth.shape)}")
     b = 0
     if rot is not None:
-        if rot.ndim == 3:
+        shape = tuple(rot.shape) if isinstance(rot, torch.Tensor) else tuple(rot)
+        if len(shape) == 3:
             raise Unsupported(
-                f"per-block rotation {tuple(rot.shape)} (rotation='adaptive'): the kernels "
+                f"per-block rotation {shape} (rotation='adaptive'): the kernels "
                 "load one B×B tile for every block of K")
-        b = rot.shape[0]
-        if rot.ndim != 2 or rot.shape[1] != b:
-            raise Unsupported(f"rotation must be a square block, got {tuple(rot.shape)}")
+        b = shape[0]
+        if len(shape) != 2 or shape[1] != b:
+            raise Unsupported(f"rotation must be a square block, got {shape}")
         if not (is_pow2(b) and configs.MIN_ROT_BLOCK <= b <= configs.MAX_ROT_BLOCK):
             raise Unsupported(
                 f"rotation block {b} (kernel takes powers of two in "
@@ -90,6 +97,39 @@ def plan_rows(
     if block_k > configs.MAX_ROW_BLOCK_K:
         raise Unsupported(f"K tile {block_k} (group/rotation) exceeds {configs.MAX_ROW_BLOCK_K}")
     return RowPlan(k=k, bits=bits, group=group, rot_block=b, block_k=block_k)
+
+
+def plan_quantize(
+    x: torch.Tensor,
+    perm: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    rot: torch.Tensor | tuple[int, ...] | None,
+    bits: int,
+    group: int,
+    clip: float,
+    container: str,
+    prologue: str | None,
+    lzs_group: int,
+) -> RowPlan:
+    """:func:`plan_rows` plus the quantizer's own checks (clip, container, prologue, LZS):
+    every reason the activation-quantize kernel refuses a call, asked without launching.
+    Raises ValueError for an argument no call may have, :class:`Unsupported` otherwise."""
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
+    if container not in CONTAINERS:
+        raise ValueError(f"container {container!r} not in {CONTAINERS}")
+    if prologue is not None and prologue not in PROLOGUES:
+        raise ValueError(f"prologue {prologue!r} not in {(None, *PROLOGUES)}")
+    if container == "fp8" and bits != 4:
+        raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
+    if lzs_group:
+        if bits != 8 or group or lzs_group not in LZS_GROUPS or x.shape[-1] % lzs_group:
+            raise Unsupported(f"LZS group {lzs_group} needs 8-bit per-token codes and a "
+                              f"group in {LZS_GROUPS} dividing K={x.shape[-1]}")
+    plan = plan_rows(x, perm, smooth, rot, bits, group)
+    if lzs_group and plan.block_k % lzs_group:
+        raise Unsupported(f"K tile {plan.block_k} does not hold whole LZS groups")
+    return plan
 
 
 A_KINDS = {4: "int4", 8: "int8", 16: "float"}

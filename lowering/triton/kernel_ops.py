@@ -1,0 +1,81 @@
+"""The kernels as ``torch.library.triton_op``s, so that a trace sees them.
+
+A ``custom_op`` is opaque: Inductor calls it as an extern kernel, through Python, every
+call. A triton_op's body is traced instead, and each launch in it (``wrap_triton``)
+becomes a user-defined Triton kernel that Inductor compiles into its own output code, with
+no Python dispatch per call and nothing in the way of CUDA graphs.
+
+The bodies therefore only launch. Every decision that reads a value or asks the GPU (the
+route, the rotation's kernel form, the unpacked weight, whether a call is supported) is
+made before the op: by ``dispatch`` on each eager call, or once at compile time by
+``lower.LowerToKernels``. Eagerly the op runs its body with ``wrap_triton`` off, so the
+kernels launch directly (under ``TRITON_INTERPRET=1`` too: that is how CPU tests run it).
+
+Import this module only after choosing interpret vs compile (``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+from torch.library import triton_op
+
+from clq_compile.lowering.triton import act_quant, qgemm, routes
+from clq_compile.ops import apply_prologue
+
+
+@triton_op("clq_triton::quant_linear", mutates_args={})
+def quant_linear(
+    x: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    perm: Tensor | None,
+    smooth: Tensor | None,
+    rot_tile: Tensor | None,
+    rot_outer: int,
+    route: str,
+    w_bits: int,
+    a_bits: int,
+    a_group: int,
+    a_clip: float,
+    prologue: str | None,
+    lzs_group: int,
+) -> Tensor:
+    """``clq::quant_linear`` on the kernels, decided (``dispatch.plan_linear``): transform
+    and quantize x (one launch; none for weight-only ``a_bits`` 16), then the route's GEMM.
+    ``w`` is the route's weight (``LinearCall.weight``), ``rot_tile``/``rot_outer`` the
+    rotation in kernel form (``act_quant.rotation_operand``)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    n = w.shape[0]
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    if a_bits == 16:
+        x2 = apply_prologue(x2, prologue)  # weight-only: no quantizer to fuse it into
+        if perm is not None or smooth is not None or rot_tile is not None:
+            x2 = act_quant.transform_rows(x2, perm, smooth, rot_tile, rot_outer)
+        y = qgemm.quant_matmul(x2, None, w, w_scale, bias, a_bits=16, w_bits=w_bits,
+                               out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    # Rounded to x's dtype before quantizing, as clq::transform's output would be.
+    a, a_scale = act_quant.quantize_rows(x2, perm, smooth, rot_tile, rot_outer, a_bits,
+                                         a_group, a_clip, container=route,
+                                         prologue=prologue, lzs_group=lzs_group)
+    if route == "fp8":
+        y = routes.fp8_matmul(a, a_scale, w, w_scale, bias, x.dtype)
+    elif route == "int8":
+        y = qgemm.quant_matmul(a, a_scale, w, w_scale, bias, a_bits=8, w_bits=8,
+                               out_dtype=x.dtype)
+    else:
+        y = qgemm.quant_matmul(a, a_scale, w, w_scale, bias, a_bits=a_bits, w_bits=w_bits,
+                               out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@triton_op("clq_triton::transform", mutates_args={})
+def transform(
+    x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot_tile: Tensor | None,
+    rot_outer: int,
+) -> Tensor:
+    """``clq::transform`` on the row kernel, the rotation in kernel form."""
+    return act_quant.transform_rows(x, perm, smooth, rot_tile, rot_outer)

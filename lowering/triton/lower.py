@@ -1,0 +1,180 @@
+"""Lower a rewritten graph's ``clq`` ops to the ``clq_triton`` triton_ops, once, at
+compile time, so Inductor compiles the kernels instead of calling an opaque op.
+
+Per ``clq::quant_linear`` node the pass takes the decision the eager dispatch takes per
+call (``dispatch.plan_linear``: route, checks), from the shapes a fake run of the graph
+gives, and makes the derived operands then: the rotation's kernel form from its graph
+constant, and the route's weight (int8 / fp8 unpacked) as a new constant, or, for a
+weight that arrives at run time (the ``clq`` backend's packers), as a conversion the
+caller applies to that input (:attr:`LowerToKernels.derive`). A node it cannot lower
+stays a ``clq`` op (its eager dispatch, with the reference fallback, still serves it) and
+the reason is logged at WARNING and kept in :attr:`LowerToKernels.declined`.
+
+What a real launch can still refuse (every autotune config too big for the GPU) cannot
+fall back inside a compiled graph; ``compile_check`` keeps the default configs within
+sm_80/89/90 limits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from clq_compile.lowering.triton import dispatch
+from clq_compile.lowering.triton.support import Unsupported, plan_rows
+from clq_compile.passes.find_linears import fetch_attr
+from clq_compile.passes.infra import GraphPass, PassResult
+from clq_compile.passes.rewrite import QUANT_LINEAR, TRANSFORM, const_node, safe_name
+
+log = logging.getLogger(__name__)
+_CAT = torch.ops.aten.cat.default
+
+
+def _arguments(node: fx.Node) -> dict[str, Any]:
+    """The op's arguments by name, defaults filled in."""
+    schema = node.target._schema  # type: ignore[union-attr]
+    out = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+
+class LowerToKernels(GraphPass):
+    """``clq.quant_linear`` / ``clq.transform`` → ``clq_triton.*`` where the kernels take
+    the call. ``example_inputs``: the graph's inputs (shapes, dtypes, devices); the graph's
+    constants must be real tensors. ``capability``: the GPU's (default: asked of the
+    device the activations are on); given, it picks routes for another GPU generation."""
+
+    name = "lower-to-kernels"
+
+    def __init__(self, example_inputs: Sequence[Any],
+                 capability: tuple[int, int] | None | str = "device") -> None:
+        self.example_inputs = list(example_inputs)
+        self.capability = capability
+        self.declined: dict[str, str] = {}
+        # placeholder index -> (w_bits, route): that input is a packed weight the caller
+        # converts with routes.unpacked_weight before each call (cached per tensor).
+        self.derive: dict[int, tuple[int, str]] = {}
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        dispatch.register()
+        dispatch.kernels("kernel_ops")  # defines torch.ops.clq_triton
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        FakeTensorProp(gm, mode).propagate(*self.example_inputs)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        modified = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in (QUANT_LINEAR, TRANSFORM):
+                continue
+            try:
+                lower = self._linear if node.target == QUANT_LINEAR else self._transform
+                lower(gm, node, placeholders)
+                modified = True
+            except Unsupported as e:
+                self.declined[node.name] = str(e)
+                log.warning("%s stays a clq op (not lowered to the kernels): %s", node.name, e)
+        if modified:
+            gm.graph.eliminate_dead_code()
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    def _device(self, x: torch.Tensor) -> tuple[int, int] | None:
+        reason = dispatch.device_reason(x)
+        if reason:
+            raise Unsupported(reason)
+        if self.capability == "device":
+            return dispatch.capability_of(x.device)
+        return self.capability  # type: ignore[return-value]
+
+    def rotation_operand(self, gm: fx.GraphModule, node: fx.Node, rot: Any, device: torch.device
+                  ) -> tuple[fx.Node | None, int]:
+        if rot is None:
+            return None, 1
+        if not (isinstance(rot, fx.Node) and rot.op == "get_attr"):
+            raise Unsupported("the rotation is not a graph constant; its kernel form is "
+                              "made from its values at compile time")
+        tile, outer = dispatch.rotation_operand(fetch_attr(gm, rot.target), device)
+        with gm.graph.inserting_before(node):
+            return const_node(gm, f"{rot.target}_kernel", tile), outer
+
+    def _weight(self, gm: fx.GraphModule, node: fx.Node, w: fx.Node, call: Any,
+                placeholders: list[fx.Node]) -> fx.Node:
+        """The node giving this call's GEMM weight, derived from the packed one ``w``."""
+        if call.route == "packed" or call.a_bits == 16:
+            return w
+        if w.op == "get_attr":
+            with gm.graph.inserting_before(node):
+                return const_node(gm, f"{safe_name(w.target)}_{call.route}",
+                                  call.weight(fetch_attr(gm, w.target)))
+        if w.op == "placeholder":
+            self.derive[placeholders.index(w)] = (call.w_bits, call.route)
+            return w
+        if w.target == _CAT and (len(w.args) < 2 or w.args[1] == 0):
+            parts = [self._weight(gm, node, p, call, placeholders) for p in w.args[0]]
+            with gm.graph.inserting_before(node):
+                cat = gm.graph.call_function(_CAT, (parts, 0))
+            cat.meta["val"] = None
+            return cat
+        raise Unsupported(f"weight {w.name} is computed in the graph ({w.target}); the "
+                          f"{call.route} route's unpacked weight is made once, outside it")
+
+    def _linear(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]) -> None:
+        a = _arguments(node)
+        x = _val(a["x"])
+        cap = self._device(x)
+        call = dispatch.plan_linear(
+            x, _val(a["w_q"]), _val(a["w_scale"]), a["w_bits"], a["a_bits"], a["a_group"],
+            a["a_clip"], _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), a["prologue"],
+            a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap)
+        tile, outer = self.rotation_operand(gm, node, a["rot"], x.device)
+        w = self._weight(gm, node, a["w_q"], call, placeholders)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                torch.ops.clq_triton.quant_linear.default,
+                (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile, outer,
+                 *call.args()))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+    def _transform(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]
+                   ) -> None:
+        a = _arguments(node)
+        x = _val(a["x"])
+        self._device(x)
+        plan_rows(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), 0, 0)
+        tile, outer = self.rotation_operand(gm, node, a["rot"], x.device)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.clq_triton.transform.default,
+                                         (a["x"], a["perm"], a["smooth"], tile, outer))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def lowered_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """How many nodes call each ``clq`` / ``clq_triton`` op (what ``inspect`` and tests
+    read to see what was lowered)."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "namespace", None) in ("clq",
+                                                                                "clq_triton"):
+            key = str(n.target)
+            counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,95 @@
+"""What Inductor receives from a lowered graph, checked without a GPU (run by
+test_lower_trace.py in a process with ``TRITON_INTERPRET=0``).
+
+Tiny PixArt W4A4 (quarot) through the clq backend, lowered for a given GPU generation,
+then traced the way ``torch.compile`` traces it for Inductor (Dynamo + AOTAutograd,
+functionalized): the forward graph Inductor would compile is captured and its calls
+counted. A user-defined Triton kernel shows as ``triton_kernel_wrapper_functional``;
+an opaque custom op would show under its own name. No kernel is launched: CPU tensors
+stand in for GPU ones (the device check is bypassed here, and only here), and without a
+GPU driver torch assumes each kernel writes all its tensor arguments (a warning), which
+changes nothing about which kernels appear. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+assert os.environ.get("TRITON_INTERPRET", "0") == "0", "needs the compiled (JIT) kernels"
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+
+import clq_compile.backend as be  # noqa: E402
+from clq_compile.lowering.triton import dispatch  # noqa: E402
+from clq_compile.testing import tiny_pixart  # noqa: E402
+
+
+class _Captured(Exception):
+    pass
+
+
+def _calls(gm: torch.fx.GraphModule) -> dict[str, int]:
+    c: Counter[str] = Counter()
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if "triton_kernel_wrapper" in str(n.target):
+            fn = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> python function
+                fn = fn.fn
+            c[f"triton:{fn.__name__}"] += 1
+        elif getattr(n.target, "namespace", "") in ("clq", "clq_triton") or \
+                "_scaled_mm" in str(n.target):
+            c[str(n.target)] += 1
+    return dict(c)
+
+
+def main() -> None:
+    dispatch.device_reason = lambda x: ""  # CPU tensors stand in for GPU ones (tracing only)
+    model, inputs = tiny_pixart()
+    model = model.to(torch.bfloat16)
+    x = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+         else v for k, v in inputs(2).items()}
+    runs = []
+
+    def keep(gm, example_inputs, **kw):
+        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
+        return runs[-1][0]
+
+    with torch.no_grad():
+        torch.compile(model, backend=keep, fullgraph=True, options={
+            "recipe": "quarot", "bits": "w4a4", "inductor": False, "kernels": False})(**x)
+    run, ex = runs[0]
+    report = {}
+    for cap in ((8, 0), (9, 0)):
+        inner, packers = be.split_packers(run.graph_module)
+        flat = [*ex, *(t for p, i in packers for t in p(ex[i]))]
+        before = _calls(inner)  # the pass rewrites inner in place
+        lowered, convert, lowering = be.lower_inputs(inner, flat, cap)
+        graphs = []
+
+        def capture(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            raise _Captured
+
+        torch._dynamo.reset()
+        try:
+            with torch.no_grad():
+                torch.compile(lowered, backend=aot_autograd(fw_compiler=capture),
+                              fullgraph=True)(*convert(list(flat)))
+        except Exception as e:  # the capture stops compilation on purpose
+            if not graphs:
+                raise RuntimeError("nothing reached the compiler") from e
+        report[f"sm_{cap[0]}{cap[1]}"] = {"clq_before": before,
+                                           "declined": lowering.declined,
+                                           "inductor_sees": _calls(graphs[0])}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
