@@ -226,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("e2e").error("%s failed:\n%s", label, traceback.format_exc())
             rows.append({"method": label, "error": repr(e)[:500]})
             continue
+        if args.dry_run:
+            qm.lower(None)  # what a model on a GPU does by itself (here: interpreter)
         extra = {"quantize_s": time.perf_counter() - t0, "clq_nodes": _clq_nodes(qm),
+                 # calls a GPU model left as clq ops (not lowered to the kernels), with why
+                 "not_lowered": dict(getattr(qm, "declined", {})),
                  "weight_mib": (qm.weight_bytes() if hasattr(qm, "weight_bytes")
                                 else _state_bytes(qm)) / 2**20}
         fallbacks_before = len(dispatch._fallbacks_logged)

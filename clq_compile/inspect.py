@@ -7,6 +7,7 @@ from typing import Any
 from tabulate import tabulate, tabulate_formats
 
 from clq_compile.errors import ConfigError
+from clq_compile.lowering.triton.lower import lowered_ops
 from clq_compile.lowrank import storage_dtype
 from clq_compile.model import QuantizedModel
 from clq_compile.passes.rewrite import quant_linear_nodes
@@ -80,6 +81,12 @@ def summary(qm: Any) -> str:
     if gemms:
         line += (f"; run as {len(gemms)} quantized GEMMs, "
                  f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
+    lowered = getattr(qm, "lowered", [None])[0]
+    if lowered is not None:
+        kernels = lowered_ops(lowered).get("clq_triton.quant_linear.default", 0)
+        line += f"; {kernels} of {len(gemms)} GEMMs lowered to the Triton kernels"
+    notes_lowering = [f"not lowered to the Triton kernels: {k}: {v}"
+                      for k, v in getattr(qm, "declined", {}).items()]
     if "rotations" in plan.meta:
         stacks = [tp.rot for tp in plan.transforms.values()
                   if tp.rot is not None and tp.rot.dim() == 3]
@@ -92,7 +99,7 @@ def summary(qm: Any) -> str:
         line += (f"; timestep bits: {ts['bits']:.2f} average activation bits (target "
                  f"{ts['target']:g}), 8-bit in {int(cells.sum())} of {cells.numel()} "
                  f"(timestep, block) cells, by timestep input {plan.timesteps.input!r}")
-    notes = [plan.meta.get("coverage")]
+    notes = [plan.meta.get("coverage"), *notes_lowering]
     if ts is not None and plan.timesteps is None:
         notes.append(f"timestep_bits={ts['target']:g} found no block with 4-bit-activation "
                      "layers: every layer stays at its planned bits")

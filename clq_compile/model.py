@@ -4,6 +4,7 @@ tensors, and has what diffusers pipelines read of a transformer (``config``, ``d
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -54,6 +55,12 @@ class QuantizedModel(torch.nn.Module):
         self.config = _frozen(config)
         self.fp_weight_bytes = fp_weight_bytes
         self.source = dict(source or {})  # where the model came from (class, asset)
+        # Per graph, the graph lowered to the Triton kernels (``lower``), or None. A plain
+        # attribute, not a submodule: it shares the graph's tensors and is rebuilt on .to().
+        self.__dict__["lowered"] = [None] * len(self.graphs)
+        self.__dict__["declined"] = {}
+        if self.device.type == "cuda":
+            self.lower()
 
     # The first graph: the one calibration ran on.
     @property
@@ -75,11 +82,12 @@ class QuantizedModel(torch.nn.Module):
         except TypeError as e:
             raise InputError(f"{self._name}: {e}") from None
         why = None
-        for g in self.graphs:
+        for i, g in enumerate(self.graphs):
             reason = g.rejects(call)
             if reason is None:
+                gm = self.lowered[i] or g.gm
                 with torch.no_grad():
-                    out = g.gm(**call)
+                    out = gm(**call)
                 return self.call_spec.pack(out, want_dict)
             why = why or reason
         sizes = "; ".join(f"[{g.sizes()}]" for g in self.graphs)
@@ -128,7 +136,31 @@ class QuantizedModel(torch.nn.Module):
             g.gm.to(device)
             g.example = pytree.tree_map(
                 lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, g.example)
+        self.lowered[:] = [None] * len(self.graphs)
+        self.declined.clear()
+        if device.type == "cuda":
+            self.lower()
         return self
+
+    def lower(self, capability: Any = "device") -> dict[str, str]:
+        """Lower every graph's ``clq`` ops to the ``clq_triton`` triton_ops
+        (``lowering.triton.lower``): ``forward`` then runs the kernels with no per-call
+        dispatch, and ``torch.compile(qm)`` hands them to Inductor. Done by itself on a
+        GPU (at construction and on ``.to("cuda")``); the packed weights stay what is
+        saved. ``capability`` picks routes for another GPU generation (tests). Returns
+        the calls left as ``clq`` ops, with the reason (also logged at WARNING)."""
+        import torch.fx._pytree as fx_pytree
+
+        from clq_compile.lowering.triton.lower import LowerToKernels
+
+        self.declined.clear()
+        for i, g in enumerate(self.graphs):
+            gm = fx.GraphModule(g.gm, copy.deepcopy(g.gm.graph))  # shares g.gm's tensors
+            flat = fx_pytree.tree_flatten_spec(((), dict(g.example)), g.gm._in_spec)
+            lowering = LowerToKernels(flat, capability)
+            self.lowered[i] = lowering(gm).gm
+            self.declined.update({f"graph {i}: {k}": v for k, v in lowering.declined.items()})
+        return dict(self.declined)
 
     def cpu(self) -> QuantizedModel:
         return self.to("cpu")

@@ -21,7 +21,6 @@ interpret-vs-compile when its module is imported, and the test suite must get to
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
@@ -94,11 +93,6 @@ def device_reason(x: Tensor) -> str:
     if x.device.type == "cpu" and configs.interpreting():
         return ""
     return f"no Triton kernel for {x.device.type} tensors (CPU needs TRITON_INTERPRET=1)"
-
-
-def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
-    """Launch on x's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -200,14 +194,13 @@ def quant_linear_triton(
     reason = device_reason(x)
     if not reason:
         try:
-            with _on_device(x):
-                call = plan_linear(x, w_q, w_scale, w_bits, a_bits, a_group, a_clip, perm,
-                                   smooth, rot, prologue, a_format, w_format,
-                                   a8_rows is not None, route, capability_of(x.device))
-                tile, outer = rotation_operand(rot, x.device)
-                kernels("kernel_ops")  # defines torch.ops.clq_triton
-                return torch.ops.clq_triton.quant_linear(
-                    x, call.weight(w_q), w_scale, bias, perm, smooth, tile, outer, *call.args())
+            call = plan_linear(x, w_q, w_scale, w_bits, a_bits, a_group, a_clip, perm, smooth,
+                               rot, prologue, a_format, w_format, a8_rows is not None, route,
+                               capability_of(x.device))
+            tile, outer = rotation_operand(rot, x.device)
+            kernels("kernel_ops")  # defines torch.ops.clq_triton
+            return torch.ops.clq_triton.quant_linear(
+                x, call.weight(w_q), w_scale, bias, perm, smooth, tile, outer, *call.args())
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("quant_linear", key, reason)
@@ -230,11 +223,10 @@ def transform_triton(
     reason = device_reason(x)
     if not reason:
         try:
-            with _on_device(x):
-                plan_rows(x, perm, smooth, rot, 0, 0)
-                tile, outer = rotation_operand(rot, x.device)
-                kernels("kernel_ops")
-                return torch.ops.clq_triton.transform(x, perm, smooth, tile, outer)
+            plan_rows(x, perm, smooth, rot, 0, 0)
+            tile, outer = rotation_operand(rot, x.device)
+            kernels("kernel_ops")
+            return torch.ops.clq_triton.transform(x, perm, smooth, tile, outer)
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("transform", key, reason)

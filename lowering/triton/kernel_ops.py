@@ -16,6 +16,9 @@ Import this module only after choosing interpret vs compile (``TRITON_INTERPRET`
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import Tensor
 from torch.library import triton_op
 
@@ -45,6 +48,16 @@ def quant_linear(
     and quantize x (one launch; none for weight-only ``a_bits`` 16), then the route's GEMM.
     ``w`` is the route's weight (``LinearCall.weight``), ``rot_tile``/``rot_outer`` the
     rotation in kernel form (``act_quant.rotation_operand``)."""
+    with _on_device(x):
+        return _quant_linear(x, w, w_scale, bias, perm, smooth, rot_tile, rot_outer, route,
+                             w_bits, a_bits, a_group, a_clip, prologue, lzs_group)
+
+
+def _quant_linear(
+    x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, perm: Tensor | None,
+    smooth: Tensor | None, rot_tile: Tensor | None, rot_outer: int, route: str, w_bits: int,
+    a_bits: int, a_group: int, a_clip: float, prologue: str | None, lzs_group: int,
+) -> Tensor:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = w.shape[0]
@@ -78,4 +91,10 @@ def transform(
     rot_outer: int,
 ) -> Tensor:
     """``clq::transform`` on the row kernel, the rotation in kernel form."""
-    return act_quant.transform_rows(x, perm, smooth, rot_tile, rot_outer)
+    with _on_device(x):
+        return act_quant.transform_rows(x, perm, smooth, rot_tile, rot_outer)
+
+
+def _on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on x's GPU, not the current one (a model on cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

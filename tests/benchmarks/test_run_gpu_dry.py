@@ -35,4 +35,5 @@ def test_run_gpu_dry_run_writes_every_stage(tmp_path) -> None:
     assert "bf16 eager" in rows and not [r for r in e2e["rows"] if "error" in r], e2e["rows"]
     for name in ("rtn", "quarot", "clq (search off)"):
         assert rows[f"clq_compile W4A4 {name}"]["sqnr_db_vs_bf16"] > 10
+        assert rows[f"clq_compile W4A4 {name}"]["not_lowered"] == {}  # all on the kernels
     assert "not a measurement" in e2e["environment"]["device"]

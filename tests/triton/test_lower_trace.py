@@ -20,9 +20,12 @@ def test_inductor_sees_user_defined_triton_kernels_for_every_gemm():
                           env=env, timeout=600, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    for arch, gemm in (("sm_80", "triton:_qgemm_kernel"), ("sm_90", "aten._scaled_mm.default")):
+    fp8 = "aten._scaled_mm.default"
+    for what, gemm in (("sm_80", "triton:_qgemm_kernel"), ("sm_90", fp8),
+                       ("quantized_model", fp8)):
         # Every clq.quant_linear (q/k/v merged) becomes one quantizer launch + one GEMM;
         # on Hopper in bf16 that GEMM is the fp8 route's aten._scaled_mm (Inductor's own).
-        n = report[arch]["clq_before"]["clq.quant_linear.default"]
-        assert n > 0 and report[arch]["declined"] == {}
-        assert report[arch]["inductor_sees"] == {"triton:_rows_kernel": n, gemm: n}, report
+        # The clq backend's graph (sm_80, sm_90) and torch.compile of a QuantizedModel.
+        n = report[what]["clq_before"]["clq.quant_linear.default"]
+        assert n > 0 and report[what]["declined"] == {}
+        assert report[what]["inductor_sees"] == {"triton:_rows_kernel": n, gemm: n}, report

@@ -24,6 +24,7 @@ import torch._dynamo  # noqa: E402
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
 
+import clq_compile as clq  # noqa: E402
 import clq_compile.backend as be  # noqa: E402
 from clq_compile.lowering.triton import dispatch  # noqa: E402
 from clq_compile.testing import tiny_pixart  # noqa: E402
@@ -65,30 +66,44 @@ def main() -> None:
         torch.compile(model, backend=keep, fullgraph=True, options={
             "recipe": "quarot", "bits": "w4a4", "inductor": False, "kernels": False})(**x)
     run, ex = runs[0]
-    report = {}
+    report = {"quantized_model": _quantized_model(model, x)}
     for cap in ((8, 0), (9, 0)):
         inner, packers = be.split_packers(run.graph_module)
         flat = [*ex, *(t for p, i in packers for t in p(ex[i]))]
         before = _calls(inner)  # the pass rewrites inner in place
         lowered, convert, lowering = be.lower_inputs(inner, flat, cap)
-        graphs = []
-
-        def capture(gm, example_inputs, graphs=graphs):
-            graphs.append(gm)
-            raise _Captured
-
-        torch._dynamo.reset()
-        try:
-            with torch.no_grad():
-                torch.compile(lowered, backend=aot_autograd(fw_compiler=capture),
-                              fullgraph=True)(*convert(list(flat)))
-        except Exception as e:  # the capture stops compilation on purpose
-            if not graphs:
-                raise RuntimeError("nothing reached the compiler") from e
         report[f"sm_{cap[0]}{cap[1]}"] = {"clq_before": before,
                                            "declined": lowering.declined,
-                                           "inductor_sees": _calls(graphs[0])}
+                                           "inductor_sees": _inductor_sees(lowered,
+                                                                           convert(flat))}
     print(json.dumps(report))
+
+
+def _inductor_sees(fn, args=(), kwargs=None) -> dict[str, int]:
+    """The calls in the forward graph torch.compile would hand Inductor for ``fn``."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        raise _Captured
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(fn, backend=aot_autograd(fw_compiler=capture),
+                          fullgraph=True)(*args, **(kwargs or {}))
+    except Exception as e:  # the capture stops compilation on purpose
+        if not graphs:
+            raise RuntimeError("nothing reached the compiler") from e
+    return _calls(graphs[0])
+
+
+def _quantized_model(model, x) -> dict:
+    """``torch.compile(qm)`` of a QuantizedModel lowered for sm_90 (bf16: fp8 route)."""
+    qm = clq.quantize(model, [x], recipe="quarot", bits="w4a4")
+    declined = qm.lower((9, 0))
+    return {"clq_before": _calls(qm.graph_module), "declined": declined,
+            "inductor_sees": _inductor_sees(qm, kwargs=x)}
 
 
 if __name__ == "__main__":
