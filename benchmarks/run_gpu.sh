@@ -36,10 +36,12 @@ stage() {  # stage LIMIT_S CMD...: run with a time limit, report rc and seconds
 if [[ ${#DRY[@]} -eq 0 ]]; then
   # One tile per kernel (CLQ_TRITON_SINGLE_CONFIG): correctness does not depend on it, and
   # autotuning every parametrized test would spend minutes compiling.
-  stage "${TEST_LIMIT_S:-90}" env CLQ_TRITON_TEST_DEVICE=cuda CLQ_TRITON_SINGLE_CONFIG=1 \
-    python -m pytest tests/triton/test_routes.py tests/triton/test_qgemm.py \
-    tests/triton/test_dispatch.py tests/triton/test_act_quant.py -q -p no:cacheprovider \
-    --maxfail=10
+  # test_lower.py first: it holds the only checks of Inductor compiling the kernels
+  # (torch.compile of a lowered model, default and reduce-overhead), unrun so far.
+  stage "${TEST_LIMIT_S:-120}" env CLQ_TRITON_TEST_DEVICE=cuda CLQ_TRITON_SINGLE_CONFIG=1 \
+    python -m pytest tests/triton/test_lower.py tests/triton/test_routes.py \
+    tests/triton/test_qgemm.py tests/triton/test_dispatch.py tests/triton/test_act_quant.py \
+    -q -p no:cacheprovider --maxfail=10
 fi
 # shellcheck disable=SC2086
 stage "${GEMM_LIMIT_S:-130}" python benchmarks/gemm.py ${GEMM_ARGS:---m 8192 --small-m} "${DRY[@]}"

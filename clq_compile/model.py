@@ -59,8 +59,7 @@ class QuantizedModel(torch.nn.Module):
         # attribute, not a submodule: it shares the graph's tensors and is rebuilt on .to().
         self.__dict__["lowered"] = [None] * len(self.graphs)
         self.__dict__["declined"] = {}
-        if self.device.type == "cuda":
-            self.lower()
+        self._lower_on_gpu()
 
     # The first graph: the one calibration ran on.
     @property
@@ -138,9 +137,14 @@ class QuantizedModel(torch.nn.Module):
                 lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, g.example)
         self.lowered[:] = [None] * len(self.graphs)
         self.declined.clear()
-        if device.type == "cuda":
-            self.lower()
+        self._lower_on_gpu()
         return self
+
+    def _lower_on_gpu(self) -> None:
+        from clq_compile.lowering.triton.dispatch import triton_available
+
+        if self.device.type == "cuda" and triton_available()[0]:
+            self.lower()
 
     def lower(self, capability: Any = "device") -> dict[str, str]:
         """Lower every graph's ``clq`` ops to the ``clq_triton`` triton_ops

@@ -110,11 +110,12 @@ class LinearCall:
     prologue: str | None
     lzs_group: int
 
-    def weight(self, w_q: Tensor) -> Tensor:
-        """The weight operand of this call's GEMM (int8 / fp8 unpacked, cached per tensor)."""
+    def weight(self, w_q: Tensor, cached: bool = True) -> Tensor:
+        """The weight operand of this call's GEMM (int8 / fp8 unpacked; cached per tensor
+        unless ``cached`` is False)."""
         if self.route == "packed" or self.a_bits == 16:
             return w_q
-        return routes.unpacked_weight(w_q, self.w_bits, self.route)
+        return routes.unpacked_weight(w_q, self.w_bits, self.route, cached)
 
     def args(self) -> tuple:
         """The trailing arguments of ``clq_triton::quant_linear``."""

@@ -8,7 +8,8 @@ constant, and the route's weight (int8 / fp8 unpacked) as a new constant, or, fo
 weight that arrives at run time (the ``clq`` backend's packers), as a conversion the
 caller applies to that input (:attr:`LowerToKernels.derive`). A node it cannot lower
 stays a ``clq`` op (its eager dispatch, with the reference fallback, still serves it) and
-the reason is logged at WARNING and kept in :attr:`LowerToKernels.declined`.
+the reason is logged at WARNING (once per reason) and kept in
+:attr:`LowerToKernels.declined`.
 
 What a real launch can still refuse (every autotune config too big for the GPU) cannot
 fall back inside a compiled graph; ``compile_check`` keeps the default configs within
@@ -87,7 +88,11 @@ class LowerToKernels(GraphPass):
                 modified = True
             except Unsupported as e:
                 self.declined[node.name] = str(e)
-                log.warning("%s stays a clq op (not lowered to the kernels): %s", node.name, e)
+        for reason in dict.fromkeys(self.declined.values()):  # once per reason, in order
+            names = [k for k, v in self.declined.items() if v == reason]
+            log.warning("%d call(s) stay clq ops, not lowered to the kernels (%s): %s",
+                        len(names), ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+                        reason)
         if modified:
             gm.graph.eliminate_dead_code()
             gm.graph.lint()
@@ -120,17 +125,16 @@ class LowerToKernels(GraphPass):
             return w
         if w.op == "get_attr":
             with gm.graph.inserting_before(node):
+                # Not cached: the constant is the one copy (the cache would be a second).
                 return const_node(gm, f"{safe_name(w.target)}_{call.route}",
-                                  call.weight(fetch_attr(gm, w.target)))
+                                  call.weight(fetch_attr(gm, w.target), cached=False))
         if w.op == "placeholder":
             self.derive[placeholders.index(w)] = (call.w_bits, call.route)
             return w
         if w.target == _CAT and (len(w.args) < 2 or w.args[1] == 0):
             parts = [self._weight(gm, node, p, call, placeholders) for p in w.args[0]]
             with gm.graph.inserting_before(node):
-                cat = gm.graph.call_function(_CAT, (parts, 0))
-            cat.meta["val"] = None
-            return cat
+                return gm.graph.call_function(_CAT, (parts, 0))
         raise Unsupported(f"weight {w.name} is computed in the graph ({w.target}); the "
                           f"{call.route} route's unpacked weight is made once, outside it")
 

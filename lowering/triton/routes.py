@@ -51,8 +51,9 @@ def choose(
     return "int8"
 
 
-def unpacked_weight(w_q: Tensor, w_bits: int, container: str) -> Tensor:
-    """(N, K) weight integers one per element, as int8 or float8 e4m3; cached per tensor."""
+def unpacked_weight(w_q: Tensor, w_bits: int, container: str, cached: bool = True) -> Tensor:
+    """(N, K) weight integers one per element, as int8 or float8 e4m3; cached per tensor
+    (``cached=False``: made anew, for a caller that keeps it itself)."""
     if w_bits == 8:
         if container != "int8":
             raise ValueError("8-bit weights are not exact in float8 e4m3")
@@ -62,7 +63,7 @@ def unpacked_weight(w_q: Tensor, w_bits: int, container: str) -> Tensor:
         u = unpack_int4(w)
         return u.to(torch.float8_e4m3fn) if container == "fp8" else u.contiguous()
 
-    return derived(w_q, ("unpacked", container), unpack)
+    return derived(w_q, ("unpacked", container), unpack) if cached else unpack(w_q)
 
 
 def weight_cache_bytes() -> int:

@@ -20,6 +20,7 @@ from clq_compile.qlinear import sqnr
 from clq_compile.quant import quantize_weight
 from clq_compile.testing import orthogonal_blocks
 from clq_compile.twinlog import twinlog_weight
+from tests.triton.conftest import ON_GPU
 from tests.triton.helpers import assert_equal, integer_activation, random_activation
 
 _LOGGER = "clq_compile.lowering.triton.lower"
@@ -249,3 +250,39 @@ def test_quantized_model_runs_its_lowered_graph(device):
     assert sqnr(before, after) > 80.0
     if device == "cpu":
         assert not torch.equal(before, after)  # the kernels ran, not the references
+
+
+@pytest.mark.skipif(not ON_GPU, reason="Inductor compiles the kernels only with a GPU "
+                    "driver; on CPU test_lower_trace.py checks what Inductor receives")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_of_a_lowered_model_on_the_gpu(mode):
+    """torch.compile(qm) and the clq backend on a GPU: Inductor compiles the clq_triton
+    kernels (and under reduce-overhead replays them as a CUDA graph); against the eager
+    lowered model only Inductor's own float reassociation around them moves the output
+    (floor 30 dB: bf16, where one reordered sum can move a rounding and flip a 4-bit
+    code)."""
+    import torch._dynamo
+
+    import clq_compile as clq
+    from clq_compile.testing import tiny_pixart
+
+    model, inputs = tiny_pixart()
+    model, x = _on("cuda", model.to(torch.bfloat16), {
+        k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else v for k, v in inputs(2).items()})
+    qm = clq.quantize(model, [x], recipe="quarot", bits="w4a4")
+    assert qm.declined == {} and all(qm.lowered)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = qm(**x)[0]
+        compiled = torch.compile(qm, mode=mode)
+        for _ in range(3):  # reduce-overhead records, then replays
+            out = compiled(**x)[0]
+        assert sqnr(eager, out) > 30.0
+        torch._dynamo.reset()
+        backend = torch.compile(model, backend="clq", fullgraph=True, options={
+            "recipe": "quarot", "bits": "w4a4", "mode": mode})
+        for _ in range(3):
+            out = backend(**x)[0]
+    torch._dynamo.reset()
+    assert sqnr(eager, out) > 30.0
