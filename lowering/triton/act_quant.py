@@ -272,6 +272,13 @@ def rotation_operand(rot: torch.Tensor, device: torch.device) -> tuple[torch.Ten
     return derived(rot, ("rotation", str(device)), make)
 
 
+def _kernel_form(rot: torch.Tensor | None, rot_outer: int | None, device: torch.device
+                 ) -> tuple[torch.Tensor | None, int]:
+    if rot is None:
+        return None, 1
+    return (rot, rot_outer) if rot_outer is not None else rotation_operand(rot, device)
+
+
 def _rot_shape(rot_tile: torch.Tensor | None, rot_outer: int) -> tuple[int, ...] | None:
     if rot_tile is None:
         return None
@@ -335,6 +342,7 @@ def rotate_quantize(
     container: str = "packed",
     prologue: str | None = None,
     lzs_group: int = 0,
+    rot_outer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -350,33 +358,13 @@ def rotate_quantize(
     token): QuaRTZ's leading-zero suppression of the int8 codes, stored decoded
     (``code << FLAG``, exact in int8) for the int8 GEMM: ``Σ (c << f)·w`` over a group is
     that group's partial sum shifted by ``f``, and NVIDIA tensor cores have no 4-bit
-    multiply with a per-group shift to run the coded form on.
+    multiply with a per-group shift to run the coded form on. ``rot_outer`` given: ``rot``
+    is already in kernel form (:func:`rotation_operand`), so no value is read on the host
+    and a trace (make_fx, Inductor) records the launch as a user-defined Triton kernel.
     Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
-    tile, outer = rotation_operand(rot, x.device) if rot is not None else (None, 1)
-    return quantize_rows(x, perm, smooth, tile, outer, bits, group, clip,
-                         round_to_input_dtype, rot_precision, container, prologue, lzs_group)
-
-
-def quantize_rows(
-    x: torch.Tensor,
-    perm: torch.Tensor | None,
-    smooth: torch.Tensor | None,
-    rot_tile: torch.Tensor | None,
-    rot_outer: int,
-    bits: int,
-    group: int = 0,
-    clip: float = 1.0,
-    round_to_input_dtype: bool = True,
-    rot_precision: str | None = None,
-    container: str = "packed",
-    prologue: str | None = None,
-    lzs_group: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`rotate_quantize` with the rotation already in kernel form
-    (:func:`rotation_operand`): no value is read on the host, so a trace (make_fx,
-    Inductor) records the launch as a user-defined Triton kernel."""
-    plan = plan_quantize(x, perm, smooth, _rot_shape(rot_tile, rot_outer), bits, group, clip,
+    rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
+    plan = plan_quantize(x, perm, smooth, _rot_shape(rot, rot_outer), bits, group, clip,
                          container, prologue, lzs_group)
     m = x.numel() // plan.k if plan.k else 0
     store = CONTAINERS.index(container)
@@ -386,7 +374,7 @@ def quantize_rows(
     n_groups = plan.k // plan.group if plan.group else 1
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
-    _launch(x, perm, smooth, rot_tile, rot_outer, plan, q, scale, clip, round_to,
+    _launch(x, perm, smooth, rot, rot_outer, plan, q, scale, clip, round_to,
             rot_precision, store, prologue, lzs_group)
     return q, scale
 
@@ -397,23 +385,13 @@ def transform(
     smooth: torch.Tensor | None,
     rot: torch.Tensor | None,
     rot_precision: str | None = None,
+    rot_outer: int | None = None,
 ) -> torch.Tensor:
-    """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype."""
-    tile, outer = rotation_operand(rot, x.device) if rot is not None else (None, 1)
-    return transform_rows(x, perm, smooth, tile, outer, rot_precision)
-
-
-def transform_rows(
-    x: torch.Tensor,
-    perm: torch.Tensor | None,
-    smooth: torch.Tensor | None,
-    rot_tile: torch.Tensor | None,
-    rot_outer: int,
-    rot_precision: str | None = None,
-) -> torch.Tensor:
-    """:func:`transform` with the rotation in kernel form (see :func:`quantize_rows`)."""
-    plan = plan_rows(x, perm, smooth, _rot_shape(rot_tile, rot_outer), 0, 0)
+    """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype.
+    ``rot_outer``: as in :func:`rotate_quantize`."""
+    rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
+    plan = plan_rows(x, perm, smooth, _rot_shape(rot, rot_outer), 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, perm, smooth, rot_tile, rot_outer, plan, out.view(-1, plan.k), None, 1.0,
+    _launch(x, perm, smooth, rot, rot_outer, plan, out.view(-1, plan.k), None, 1.0,
             _ROUND_NONE, rot_precision)
     return out

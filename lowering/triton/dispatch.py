@@ -140,7 +140,7 @@ def plan_linear(
         raise Unsupported(f"{w_format} weights: the GEMMs take integer weights with scales, "
                           "not a per-row table")
     lzs_group = 0
-    if a_format == "lzs":  # int8 codes, truncated per group (quantize_rows)
+    if a_format == "lzs":  # int8 codes, truncated per group (rotate_quantize)
         a_bits, a_group, lzs_group = 8, 0, a_group
     elif a_format != "int":
         raise Unsupported(f"activation format {a_format!r}")

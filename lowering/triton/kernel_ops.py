@@ -66,14 +66,14 @@ def _quant_linear(
     if a_bits == 16:
         x2 = apply_prologue(x2, prologue)  # weight-only: no quantizer to fuse it into
         if perm is not None or smooth is not None or rot_tile is not None:
-            x2 = act_quant.transform_rows(x2, perm, smooth, rot_tile, rot_outer)
+            x2 = act_quant.transform(x2, perm, smooth, rot_tile, rot_outer=rot_outer)
         y = qgemm.quant_matmul(x2, None, w, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
     # Rounded to x's dtype before quantizing, as clq::transform's output would be.
-    a, a_scale = act_quant.quantize_rows(x2, perm, smooth, rot_tile, rot_outer, a_bits,
-                                         a_group, a_clip, container=route,
-                                         prologue=prologue, lzs_group=lzs_group)
+    a, a_scale = act_quant.rotate_quantize(x2, perm, smooth, rot_tile, a_bits, a_group,
+                                           a_clip, container=route, prologue=prologue,
+                                           lzs_group=lzs_group, rot_outer=rot_outer)
     if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w, w_scale, bias, x.dtype)
     elif route == "int8":
@@ -92,7 +92,7 @@ def transform(
 ) -> Tensor:
     """``clq::transform`` on the row kernel, the rotation in kernel form."""
     with _on_device(x):
-        return act_quant.transform_rows(x, perm, smooth, rot_tile, rot_outer)
+        return act_quant.transform(x, perm, smooth, rot_tile, rot_outer=rot_outer)
 
 
 def _on_device(x: Tensor) -> contextlib.AbstractContextManager:

@@ -107,7 +107,7 @@ class LowerToKernels(GraphPass):
             return dispatch.capability_of(x.device)
         return self.capability  # type: ignore[return-value]
 
-    def rotation_operand(self, gm: fx.GraphModule, node: fx.Node, rot: Any, device: torch.device
+    def _rotation(self, gm: fx.GraphModule, node: fx.Node, rot: Any, device: torch.device
                   ) -> tuple[fx.Node | None, int]:
         if rot is None:
             return None, 1
@@ -146,7 +146,7 @@ class LowerToKernels(GraphPass):
             x, _val(a["w_q"]), _val(a["w_scale"]), a["w_bits"], a["a_bits"], a["a_group"],
             a["a_clip"], _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), a["prologue"],
             a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap)
-        tile, outer = self.rotation_operand(gm, node, a["rot"], x.device)
+        tile, outer = self._rotation(gm, node, a["rot"], x.device)
         w = self._weight(gm, node, a["w_q"], call, placeholders)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
@@ -163,7 +163,7 @@ class LowerToKernels(GraphPass):
         x = _val(a["x"])
         self._device(x)
         plan_rows(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), 0, 0)
-        tile, outer = self.rotation_operand(gm, node, a["rot"], x.device)
+        tile, outer = self._rotation(gm, node, a["rot"], x.device)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.clq_triton.transform.default,
                                          (a["x"], a["perm"], a["smooth"], tile, outer))

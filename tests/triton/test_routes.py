@@ -150,7 +150,7 @@ def test_launch_out_of_resources_falls_back(monkeypatch, device, caplog) -> None
     def too_big(*args, **kwargs):
         raise OutOfResources(300000, 232448, "shared memory")
 
-    monkeypatch.setattr(act_quant, "quantize_rows", too_big)  # what clq_triton calls
+    monkeypatch.setattr(act_quant, "rotate_quantize", too_big)
     x = random_activation(5, 64, torch.float32, seed=2)
     w_q, w_s = quantize_weight(torch.randn(16, 64), 4)
     with caplog.at_level(logging.WARNING, logger=_LOGGER):
