@@ -19,12 +19,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs
 from clq_compile.lowering.triton.derived import derived
-from clq_compile.lowering.triton.jit_helpers import round_half_even, round_to_bf16
+from clq_compile.lowering.triton.jit_helpers import launcher, round_half_even, round_to_bf16
 from clq_compile.lowering.triton.support import (
     CONTAINERS,
     RowPlan,
@@ -308,7 +307,8 @@ def _launch(
     mode = 0 if plan.bits == 0 else 3 if lzs_group else (2 if plan.group else 1)
     dummy = x2  # never dereferenced when the matching flag is off
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    wrap_triton(_rows_kernel)[grid](
+    launch, options = launcher(_rows_kernel)
+    launch[grid](
         x2,
         perm.to(x.device).contiguous() if perm is not None else dummy,
         smooth.to(x.device).contiguous() if smooth is not None else dummy,
@@ -325,7 +325,7 @@ def _launch(
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, lzs_group, 1),
         EPS_=EPS, STORE=store, PROLOGUE=_PROLOGUE_CODES[prologue],
         IN_ROUND=_round_code(x.dtype), BLOCK_K=plan.block_k,
-        enable_fp_fusion=False,  # keep x*smooth and the rounding trick as separate IEEE ops
+        **options,  # eagerly: keep x*smooth and the rounding trick separate IEEE ops
     )
 
 

@@ -8,8 +8,22 @@ the CPU tests check is the path the GPU runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+
+def launcher(kernel: Any) -> tuple[Any, dict[str, Any]]:
+    """(what to launch, its compile options). Eagerly: the kernel itself, FMA contraction
+    off, so roundings and epilogues stay the separate IEEE ops of their PyTorch twins.
+    Under a trace (``wrap_triton`` gives its traceable wrapper) the compiler that receives
+    the kernel, Inductor, compiles it with its own options, so none are passed: there it
+    runs with Triton's default fp fusion unless ``TRITON_DEFAULT_FP_FUSION=0`` is set
+    (benchmarks/run_gpu.sh sets it), up to an fp32 ulp in a contracted multiply-add."""
+    launch = wrap_triton(kernel)
+    return launch, ({"enable_fp_fusion": False} if launch is kernel else {})
 
 
 @triton.jit

@@ -20,10 +20,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from clq_compile.lowering.triton import configs
-from clq_compile.lowering.triton.jit_helpers import round_to_bf16, unpack_hi, unpack_lo
+from clq_compile.lowering.triton.jit_helpers import (
+    launcher,
+    round_to_bf16,
+    unpack_hi,
+    unpack_lo,
+)
 from clq_compile.lowering.triton.support import GemmPlan, Unsupported, plan_gemm
 
 _A_INT8, _A_INT4, _A_FLOAT = 0, 1, 2
@@ -251,7 +255,8 @@ def quant_matmul(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
     )
-    wrap_triton(kernel)[grid](
+    launch, options = launcher(kernel)
+    launch[grid](
         a, a_scale_t, w_q, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, plan.seg, plan.a_group, plan.w_group, configs.m_bucket(int(m)),
         a.stride(0), a.stride(1), a_scale_t.stride(0), w_q.stride(0), w_q.stride(1),
@@ -261,6 +266,6 @@ def quant_matmul(
         FLOAT_DOT_FP32=fp32_dot,
         DOT_PRECISION="ieee" if configs.interpreting() else "tf32x3",
         BLOCK_K=plan.block_k,
-        enable_fp_fusion=False,  # no FMA contraction: the epilogue stays bit-equal to its twin
+        **options,  # eagerly no FMA contraction: the epilogue stays bit-equal to its twin
     )
     return out
