@@ -34,6 +34,7 @@ from clq_compile.errors import CalibrationError, ConfigError
 from clq_compile.lowering.triton.dispatch import triton_available
 from clq_compile.lowering.triton.lower import LowerToKernels
 from clq_compile.lowering.triton.routes import unpacked_weight
+from clq_compile.passes.find_linears import fetch_attr
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.share_inputs import plan_passes
 from clq_compile.weight_cache import CHECKS, WeightPacker, set_check
@@ -226,6 +227,43 @@ def lower_inputs(
     return inner, convert, lowering
 
 
+def static_weights(inner: fx.GraphModule, gm: fx.GraphModule
+                   ) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A copy of ``inner`` that Inductor's CUDA graphs treat like the Dynamo graph it came
+    from: weights stay where they are instead of being copied into graph-owned memory on
+    every replay. Cut from Dynamo's graph, ``inner`` lost what marks them (torch's aot
+    frontend, Note [Assumption on Dynamo Metadata]: ``dynamo_compile_id``,
+    ``_param_name_to_source``, each placeholder's ``_dynamo_source``), so with none of its
+    inputs static, reduce-overhead copied every weight per call. Here the original inputs
+    get their sources back, the packers' outputs (cached: same tensor while the weight is)
+    are marked static, and the graph's constants become static inputs too (the returned
+    tensors, passed after the others). A graph not from Dynamo is returned as it is."""
+    if "dynamo_compile_id" not in gm.meta:
+        return inner, []
+    graph = copy.deepcopy(inner.graph)
+    out = fx.GraphModule(inner, graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    last, consts, lifted = placeholders[-1], [], {}
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        if node.target not in lifted:  # one input per constant, however many read it
+            with graph.inserting_after(last):
+                last = lifted[node.target] = graph.placeholder(f"{node.target}_const")
+            consts.append(fetch_attr(out, node.target))
+            placeholders.append(last)
+        node.replace_all_uses_with(lifted[node.target])
+        graph.erase_node(node)
+    out = fx.GraphModule(torch.nn.Module(), graph)  # no attributes left: nothing to lift
+    sources = [getattr(n, "_dynamo_source", None)
+               for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        node._dynamo_source = sources[i] if i < len(sources) else None
+        if i >= len(sources):
+            node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+    out.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
+    out._param_name_to_source = {}
+    return out, consts
+
+
 def _compiled(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None | bool,
               kernels: bool) -> Callable[..., Any]:
     """Run ``gm`` eagerly (``mode`` False) or through Inductor; packing stays outside."""
@@ -242,16 +280,18 @@ def _compiled(gm: fx.GraphModule, example_inputs: list[Any], mode: str | None | 
     if kernels:
         inner, convert, lowering = lower_inputs(inner, flat(example_inputs))
         declined = lowering.declined
+    consts: list[torch.Tensor] = []
     if mode is False:
         compiled: Callable[..., Any] = inner
     else:
+        graph, consts = static_weights(inner, gm)
         with torch.no_grad():  # an inference graph: the clq ops have no autograd formula
-            compiled = compile_fx(inner, convert(flat(example_inputs)),
+            compiled = compile_fx(graph, [*convert(flat(example_inputs)), *consts],
                                   config_patches=list_mode_options(mode or "default"))
 
     def run(*args: Any) -> Any:
         with torch.no_grad():
-            return compiled(*convert(flat(args)))
+            return compiled(*convert(flat(args)), *consts)
 
     run.lowered = inner if kernels else None  # type: ignore[attr-defined]
     run.declined = declined  # type: ignore[attr-defined]

@@ -331,3 +331,46 @@ def test_lzs_activations_through_the_backend():
         ref = clq.quantize(model, [inputs(0)], activations="lzs", extra_shapes=None,
                            measure=False)(**x)[0]
     assert torch.equal(out, ref)
+
+
+def test_weights_reach_inductor_as_static_inputs(monkeypatch):
+    """Under CUDA graphs a non-static input is copied into graph-owned memory on every
+    replay. The graph handed to Inductor is cut from Dynamo's, so ``static_weights`` puts
+    back what marks weights static: every input but the call's activations is (the
+    packers' outputs and the graph's constants included; before: none of them was)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    import clq_compile.backend as be
+
+    runs = []
+
+    def keep(gm, example_inputs, **kw):
+        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
+        return runs[-1][0]
+
+    model, inputs = tiny_pixart()
+    x = inputs(2)
+    with torch.no_grad():
+        torch.compile(model, backend=keep, fullgraph=True,
+                      options={"recipe": "quarot", "bits": "w4a4", "inductor": False})(**x)
+    run, ex = runs[0]
+    inner, packers = be.split_packers(run.graph_module)
+    flat = [*ex, *(t for p, i in packers for t in p(ex[i]))]
+    graph, consts = be.static_weights(inner, run.graph_module)
+    assert consts  # the Hadamard blocks, smoothing vectors
+
+    class Seen(Exception):
+        pass
+
+    seen = {}
+
+    def probe(gm, example_inputs, **kw):
+        seen.update(n=len(example_inputs), static=set(kw["static_input_idxs"]))
+        raise Seen
+
+    with pytest.raises(Exception), torch.no_grad():  # Seen, maybe wrapped by Inductor
+        compile_fx(graph, [*flat, *consts], inner_compile=probe)
+    activations = [i for i, t in enumerate(ex) if any(t is v for v in x.values())]
+    assert len(activations) == 3  # hidden_states, encoder_hidden_states, timestep
+    assert seen["n"] == len(flat) + len(consts)
+    assert set(range(seen["n"])) - seen["static"] == set(activations)
