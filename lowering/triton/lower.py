@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from clq_compile.errors import ConfigError
 from clq_compile.lowering.triton import dispatch
 from clq_compile.lowering.triton.support import Unsupported, plan_rows
 from clq_compile.passes.find_linears import fetch_attr
@@ -65,6 +66,11 @@ class LowerToKernels(GraphPass):
 
     def __init__(self, example_inputs: Sequence[Any],
                  capability: tuple[int, int] | None | str = "device") -> None:
+        if not (capability in ("device", None) or (
+                isinstance(capability, tuple) and len(capability) == 2
+                and all(isinstance(v, int) for v in capability))):
+            raise ConfigError(f"option capability={capability!r}; choose 'device', None or "
+                              "a (major, minor) pair such as (9, 0)")
         self.example_inputs = list(example_inputs)
         self.capability = capability
         self.declined: dict[str, str] = {}
@@ -107,20 +113,30 @@ class LowerToKernels(GraphPass):
             return dispatch.capability_of(x.device)
         return self.capability  # type: ignore[return-value]
 
-    def _rotation(self, gm: fx.GraphModule, node: fx.Node, rot: Any, device: torch.device
-                  ) -> tuple[fx.Node | None, int]:
+    def _rotation(self, gm: fx.GraphModule, rot: Any, device: torch.device
+                  ) -> tuple[torch.Tensor | None, int]:
         if rot is None:
             return None, 1
         if not (isinstance(rot, fx.Node) and rot.op == "get_attr"):
             raise Unsupported("the rotation is not a graph constant; its kernel form is "
                               "made from its values at compile time")
-        tile, outer = dispatch.rotation_operand(fetch_attr(gm, rot.target), device)
-        with gm.graph.inserting_before(node):
-            return const_node(gm, f"{rot.target}_kernel", tile), outer
+        return dispatch.rotation_operand(fetch_attr(gm, rot.target), device)
+
+    def _check_weight(self, w: fx.Node, route: str) -> None:
+        """Raise unless ``w`` is a constant, an input, or a cat of those along N."""
+        if w.op in ("get_attr", "placeholder"):
+            return
+        if w.target == _CAT and (len(w.args) < 2 or w.args[1] == 0):
+            for part in w.args[0]:
+                self._check_weight(part, route)
+            return
+        raise Unsupported(f"weight {w.name} is computed in the graph ({w.target}); the "
+                          f"{route} route's unpacked weight is made once, outside it")
 
     def _weight(self, gm: fx.GraphModule, node: fx.Node, w: fx.Node, call: Any,
                 placeholders: list[fx.Node]) -> fx.Node:
-        """The node giving this call's GEMM weight, derived from the packed one ``w``."""
+        """The node giving this call's GEMM weight, derived from the packed one ``w``
+        (checked by :meth:`_check_weight` first, so nothing is made for a declined call)."""
         if call.route == "packed" or call.a_bits == 16:
             return w
         if w.op == "get_attr":
@@ -131,12 +147,16 @@ class LowerToKernels(GraphPass):
         if w.op == "placeholder":
             self.derive[placeholders.index(w)] = (call.w_bits, call.route)
             return w
-        if w.target == _CAT and (len(w.args) < 2 or w.args[1] == 0):
-            parts = [self._weight(gm, node, p, call, placeholders) for p in w.args[0]]
-            with gm.graph.inserting_before(node):
-                return gm.graph.call_function(_CAT, (parts, 0))
-        raise Unsupported(f"weight {w.name} is computed in the graph ({w.target}); the "
-                          f"{call.route} route's unpacked weight is made once, outside it")
+        parts = [self._weight(gm, node, p, call, placeholders) for p in w.args[0]]
+        with gm.graph.inserting_before(node):
+            return gm.graph.call_function(_CAT, (parts, 0))
+
+    def _tile(self, gm: fx.GraphModule, node: fx.Node, rot: Any, tile: torch.Tensor | None
+              ) -> fx.Node | None:
+        if tile is None:
+            return None
+        with gm.graph.inserting_before(node):
+            return const_node(gm, f"{rot.target}_kernel", tile)
 
     def _linear(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]) -> None:
         a = _arguments(node)
@@ -146,12 +166,16 @@ class LowerToKernels(GraphPass):
             x, _val(a["w_q"]), _val(a["w_scale"]), a["w_bits"], a["a_bits"], a["a_group"],
             a["a_clip"], _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), a["prologue"],
             a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap)
-        tile, outer = self._rotation(gm, node, a["rot"], x.device)
+        if call.route != "packed" and call.a_bits < 16:
+            self._check_weight(a["w_q"], call.route)
+        tile, outer = self._rotation(gm, a["rot"], x.device)
+        # Every check passed: from here on, nodes and constants are made.
         w = self._weight(gm, node, a["w_q"], call, placeholders)
+        tile_node = self._tile(gm, node, a["rot"], tile)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.clq_triton.quant_linear.default,
-                (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile, outer,
+                (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile_node, outer,
                  *call.args()))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -163,10 +187,11 @@ class LowerToKernels(GraphPass):
         x = _val(a["x"])
         self._device(x)
         plan_rows(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), 0, 0)
-        tile, outer = self._rotation(gm, node, a["rot"], x.device)
+        tile, outer = self._rotation(gm, a["rot"], x.device)
+        tile_node = self._tile(gm, node, a["rot"], tile)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(torch.ops.clq_triton.transform.default,
-                                         (a["x"], a["perm"], a["smooth"], tile, outer))
+                                         (a["x"], a["perm"], a["smooth"], tile_node, outer))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

@@ -313,3 +313,35 @@ def test_every_family_lowers_fully(name, device):
         "clq.quant_linear.default"]
     with torch.no_grad():
         assert sqnr(before, qm(**test)[0]) > 80.0
+
+
+def test_a_weight_computed_in_the_graph_is_declined_before_anything_is_made(device):
+    """The int8 route needs the weight unpacked once, outside the graph; a weight the graph
+    computes is declined, and the check runs before the rotation's kernel tile or any
+    unpacked copy is made (nothing left behind for a call that stays a clq op)."""
+    class Computed(_Layer):
+        def forward(self, x, w):  # the weight arrives as an input and the graph copies it
+            return torch.ops.clq.quant_linear.default(x, w.clone(), self.w_s, None,
+                                                      *self.args, None, None, self.rot)
+
+    k = 128
+    w_q, w_s = quantize_weight(torch.randn(16, k, generator=torch.Generator().manual_seed(7)),
+                               4)
+    layer = Computed(w_q, w_s, None, (4, 4, 0, 1.0), (None, None, hadamard(128))).to(device)
+    x = random_activation(5, k, torch.float32, seed=7).to(device)
+    gm = fx.symbolic_trace(layer)
+    buffers = set(dict(gm.named_buffers()))
+    lowering = LowerToKernels([x, w_q.to(device)], (9, 0))
+    gm = lowering(gm).gm
+    assert "computed in the graph" in next(iter(lowering.declined.values()))
+    assert set(dict(gm.named_buffers())) == buffers  # no rotation tile was made
+    assert not lowering.derive
+    assert_equal(gm(x, w_q.to(device)).cpu(), layer(x, w_q.to(device)).cpu(), "declined")
+
+
+@pytest.mark.parametrize("capability", ["cuda", (9,), (9.0, 0)])
+def test_capability_option_is_checked(capability) -> None:
+    from clq_compile.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="option capability="):
+        LowerToKernels([], capability)
