@@ -4,8 +4,10 @@ weight-only W4A16 / W8A16, in one kernel specialized by constexpr flags.
 Int4 operands stay packed in memory and are unpacked in registers (``lo = (p<<4)>>4``,
 ``hi = p>>4``). Because a sum over K does not care about order, a packed operand is never
 re-interleaved: the kernel dots the even-element halves and the odd-element halves
-separately (``dot(a_lo, w_lo) + dot(a_hi, w_hi)``); an unpacked partner is loaded as its
-even and odd columns to match. Integer variants accumulate exactly in int32.
+separately (``dot(a_lo, w_lo) + dot(a_hi, w_hi)``); an unpacked partner is loaded as one
+contiguous tile and split into its even and odd columns in registers to match (two
+stride-2 gathers could not be copied asynchronously: compile_check counted 12 cp.async
+for W4A8 / W8A4 against 24 now). Integer variants accumulate exactly in int32.
 
 Scales are constant on K segments (the finer of the activation and weight groups; the
 whole of K for per-token x per-channel). Each segment's int32 sum is scaled into an fp32
@@ -55,19 +57,18 @@ def _load_split(ptr, rows, mask_rows, k0, K, stride_r, stride_k, PACKED: tl.cons
         even = unpack_lo(p)
         odd = unpack_hi(p)
     else:
-        ke = k0 + 2 * offs_h
+        # One contiguous (rows, 2·HALF) tile, de-interleaved in registers: two stride-2
+        # gathers (even, odd columns) could not be vectorized or copied asynchronously.
+        ks = k0 + tl.arange(0, 2 * HALF)
         if ROWS_FIRST:
-            base = ptr + rows[:, None] * stride_r
-            m2 = mask_rows[:, None]
-            even = tl.load(base + ke[None, :] * stride_k, mask=m2 & (ke[None, :] < K), other=0)
-            odd = tl.load(base + (ke + 1)[None, :] * stride_k, mask=m2 & (ke[None, :] + 1 < K),
-                          other=0)
+            t = tl.load(ptr + rows[:, None] * stride_r + ks[None, :] * stride_k,
+                        mask=mask_rows[:, None] & (ks[None, :] < K), other=0)
         else:
-            base = ptr + rows[None, :] * stride_r
-            m2 = mask_rows[None, :]
-            even = tl.load(base + ke[:, None] * stride_k, mask=m2 & (ke[:, None] < K), other=0)
-            odd = tl.load(base + (ke + 1)[:, None] * stride_k, mask=m2 & (ke[:, None] + 1 < K),
-                          other=0)
+            t = tl.trans(tl.load(ptr + ks[:, None] * stride_k + rows[None, :] * stride_r,
+                                 mask=(ks[:, None] < K) & mask_rows[None, :], other=0))
+        even, odd = tl.split(tl.reshape(t, (t.shape[0], HALF, 2)))
+        if not ROWS_FIRST:
+            even, odd = tl.trans(even), tl.trans(odd)
     return even, odd
 
 
