@@ -241,14 +241,13 @@ def static_weights(inner: fx.GraphModule, gm: fx.GraphModule
     if "dynamo_compile_id" not in gm.meta:
         return inner, []
     graph = copy.deepcopy(inner.graph)
-    out = fx.GraphModule(inner, graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last, consts, lifted = placeholders[-1], [], {}
     for node in [n for n in graph.nodes if n.op == "get_attr"]:
         if node.target not in lifted:  # one input per constant, however many read it
             with graph.inserting_after(last):
                 last = lifted[node.target] = graph.placeholder(f"{node.target}_const")
-            consts.append(fetch_attr(out, node.target))
+            consts.append(fetch_attr(inner, node.target))
             placeholders.append(last)
         node.replace_all_uses_with(lifted[node.target])
         graph.erase_node(node)

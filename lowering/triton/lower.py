@@ -172,14 +172,9 @@ class LowerToKernels(GraphPass):
         # Every check passed: from here on, nodes and constants are made.
         w = self._weight(gm, node, a["w_q"], call, placeholders)
         tile_node = self._tile(gm, node, a["rot"], tile)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.clq_triton.quant_linear.default,
-                (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile_node, outer,
-                 *call.args()))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, torch.ops.clq_triton.quant_linear.default,
+                 (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile_node, outer,
+                  *call.args()))
 
     def _transform(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]
                    ) -> None:
@@ -189,12 +184,17 @@ class LowerToKernels(GraphPass):
         plan_rows(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), 0, 0)
         tile, outer = self._rotation(gm, a["rot"], x.device)
         tile_node = self._tile(gm, node, a["rot"], tile)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.clq_triton.transform.default,
-                                         (a["x"], a["perm"], a["smooth"], tile_node, outer))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, torch.ops.clq_triton.transform.default,
+                 (a["x"], a["perm"], a["smooth"], tile_node, outer))
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> None:
+    """``node`` becomes a call of ``target`` with ``args``, keeping its meta."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def lowered_ops(gm: fx.GraphModule) -> dict[str, int]:
