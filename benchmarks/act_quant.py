@@ -7,7 +7,10 @@ its fraction of the bandwidth of ``torch.Tensor.copy_`` moving the activation's 
 (read + write). Variants: int4 and int8 per token, int4 per 128-group, the fused
 permutation + block Hadamard (B=128 and 256, factored: a 16×16 tf32x3 dot plus
 butterflies), int4 stored in the int8 and fp8 containers of the Hopper routes; the
-torch eager reference (clq_compile.quant) for scale.
+torch eager reference (clq_compile.quant) for scale. Then the q/k/v input of a DiT
+block, side by side: LayerNorm + adaLN modulation fused into the quantizer
+(``prologue``) against the unfused sequence the graph ran before (norm + modulation as
+one torch.compile kernel writing the modulated tensor, then the quantizer reading it).
 
     python benchmarks/act_quant.py [--m 1024 4096 16384] [--k 1152 3072 4608 12288]
 """
@@ -71,12 +74,62 @@ def measure(m: int, k: int, dev: torch.device, act_quant) -> list[dict]:
         rows.append({**base, "variant": name, "ms": ms, "GB/s": bw / 1e9,
                      "frac_of_copy": bw / copy_bw,
                      "byte_mismatch_vs_ref": float((q.float() != q_ref.float()).float().mean())})
+    rows += _norm_rows(x, dev, act_quant, base, copy_bw)
     ref_ms = bench_ms(lambda: rotate_quantize_reference(x, None, None, None, 4))
     ref_bw = (x.nbytes + x.nbytes // 4 + 4 * m) / (ref_ms * 1e-3)
     rows.append({**base, "variant": "torch eager reference int4 per-token", "ms": ref_ms,
                  "GB/s": ref_bw / 1e9, "frac_of_copy": ref_bw / copy_bw,
                  "byte_mismatch_vs_ref": None})
     return rows
+
+
+def _norm_rows(x: torch.Tensor, dev: torch.device, act_quant, base: dict, copy_bw: float
+               ) -> list[dict]:
+    """int4 perm+H128 of ``layer_norm(x) * (1 + scale) + shift`` (2 samples), fused and
+    unfused; bandwidth counts the same bytes (x, codes, scales) for both."""
+    from clq_compile.hadamard import hadamard
+    from clq_compile.lowering.triton.reference import rotate_quantize_reference
+    from clq_compile.lowering.triton.support import modulation_operand
+
+    m, k = x.shape
+    if m % 2 or k % 128:
+        return []
+    g = torch.Generator(device=dev).manual_seed(2)
+    perm = torch.randperm(k, device=dev, generator=g)
+    rot = hadamard(128).to(dev)
+    x3 = x.reshape(2, m // 2, k)
+    mul, add = (torch.randn(2, 1, k, device=dev, generator=g, dtype=x.dtype) * 0.1 + o
+                for o in (1.0, 0.0))
+    rows_mul, rows_add = (modulation_operand(t, x3.shape, x.dtype) for t in (mul, add))
+
+    def fused():
+        return act_quant.rotate_quantize(x3, perm, None, rot, 4, prologue="layer_norm",
+                                         pro_mul=rows_mul, pro_add=rows_add, norm_eps=1e-6)
+
+    def modulate(x3, mul, add):
+        return torch.nn.functional.layer_norm(x3, (k,), eps=1e-6) * mul + add
+
+    # The unfused graph's norm + modulation: one Inductor kernel on a GPU (eager on the
+    # dry run's CPU, where compiling would only test the compiler).
+    modulated = modulate if dev.type == "cpu" else torch.compile(modulate)
+
+    def unfused():
+        return act_quant.rotate_quantize(modulated(x3, mul, add), perm, None, rot, 4)
+
+    q, s = fused()
+    q_ref, _ = rotate_quantize_reference(x3, perm, None, rot, 4, prologue="layer_norm",
+                                         pro_mul=mul, pro_add=add, norm_eps=1e-6)
+    out = []
+    for name, fn in (("int4 perm+H128 + LayerNorm + adaLN, fused", fused),
+                     ("int4 perm+H128 after LayerNorm + adaLN (compiled), unfused", unfused)):
+        fn()  # compile / warm
+        ms = bench_ms(fn)
+        bw = (x.nbytes + q.nbytes + s.nbytes) / (ms * 1e-3)
+        out.append({**base, "variant": name, "ms": ms, "GB/s": bw / 1e9,
+                    "frac_of_copy": bw / copy_bw,
+                    "byte_mismatch_vs_ref": float((fn()[0] != q_ref).float().mean())})
+    out[0]["speedup_vs_unfused"] = out[1]["ms"] / out[0]["ms"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

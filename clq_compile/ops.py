@@ -8,8 +8,12 @@ their own kernels for these ops (``lowering/triton``) and fall back to these ref
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from clq_compile.hadamard import block_hadamard
 from clq_compile.lzs import lzs_fake_quantize
@@ -17,18 +21,49 @@ from clq_compile.quant import dequantize, fake_quantize, unpack_int4
 from clq_compile.spec import A_FORMATS, W_FORMATS
 from clq_compile.twinlog import twinlog_values
 
-# Elementwise ops a quant_linear may apply to x first (the op that produced its input,
-# fused into the quantizer): name -> F.gelu's ``approximate``.
-PROLOGUES = {"gelu": "none", "gelu_tanh": "tanh"}
+# Ops a quant_linear may apply to x first (the op that produced its input, fused into the
+# quantizer): the GELUs (name -> F.gelu's ``approximate``) and a LayerNorm over the last
+# dim without affine parameters (the norm before adaLN modulation).
+GELU_PROLOGUES = {"gelu": "none", "gelu_tanh": "tanh"}
+PROLOGUES = (*GELU_PROLOGUES, "layer_norm")
+DEFAULT_NORM_EPS = 1e-5  # torch.nn.LayerNorm's
 
 
-def apply_prologue(x: Tensor, prologue: str | None) -> Tensor:
-    """``prologue`` applied in x's dtype, as the unfused graph computes it."""
-    if prologue is None:
-        return x
-    if prologue not in PROLOGUES:
-        raise ValueError(f"prologue {prologue!r} not in {tuple(PROLOGUES)}")
-    return torch.nn.functional.gelu(x, approximate=PROLOGUES[prologue])
+def apply_prologue(x: Tensor, prologue: str | None, pro_mul: Tensor | None = None,
+                   pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
+    """``prologue``, then ``* pro_mul``, then ``+ pro_add`` (adaLN's ``1 + scale`` and
+    ``shift``), each in x's dtype, as the unfused graph computes them."""
+    for name, t in (("pro_mul", pro_mul), ("pro_add", pro_add)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: the fused prologue "
+                             "computes in x's dtype (no type promotion)")
+    if prologue in GELU_PROLOGUES:
+        x = torch.nn.functional.gelu(x, approximate=GELU_PROLOGUES[prologue])
+    elif prologue == "layer_norm":
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=norm_eps)
+    elif prologue is not None:
+        raise ValueError(f"prologue {prologue!r} not in {(None, *PROLOGUES)}")
+    if pro_mul is not None:
+        x = x * pro_mul
+    if pro_add is not None:
+        x = x + pro_add
+    return x
+
+
+def modulation_rows(operand: Sequence[int], x: Sequence[int]) -> tuple[int, int] | None:
+    """(rows, per) when an operand shaped ``operand`` broadcasts against x (..., K) as
+    ``rows`` rows of K values, each serving ``per`` consecutive rows of x.reshape(-1, K):
+    its leading dims are x's, the rest but the last are 1 (adaLN's (B, 1, K) per sample,
+    (K,) for all, (B, T, K) per token). None for any other broadcast."""
+    if not operand or len(operand) > len(x) or not statically_known_true(operand[-1] == x[-1]):
+        return None
+    lead, own = tuple(x[:-1]), (1,) * (len(x) - len(operand)) + tuple(operand[:-1])
+    j = 0
+    while j < len(lead) and statically_known_true(own[j] == lead[j]):
+        j += 1
+    if not all(statically_known_true(d == 1) for d in own[j:]):
+        return None
+    return math.prod(lead[:j]), math.prod(lead[j:])
 
 
 def sample_mask(rows: Tensor, x: Tensor) -> Tensor:
@@ -53,8 +88,11 @@ def unpack_weight(w_q: Tensor, w_bits: int) -> Tensor:
 
 
 def transform_reference(
-    x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None
+    x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
+    prologue: str | None = None, pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> Tensor:
+    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
     y = x.to(torch.float32, copy=True)  # never alias the input (custom-op rule)
     if perm is not None:
         y = y.index_select(-1, perm)
@@ -66,19 +104,24 @@ def transform_reference(
 
 
 @torch.library.custom_op("clq::transform", mutates_args=())
-def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None) -> Tensor:
+def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
+              prologue: str | None = None, pro_mul: Tensor | None = None,
+              pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
     """Online input transform x ↦ ((x[..., perm] * smooth) · blockdiag(rot)).
 
     ``perm`` is an int64 channel order, ``smooth`` a per-channel float scale (in permuted
     order; SmoothQuant's 1/s, QuaRot's random signs), ``rot`` one B×B block repeated along K
     or (K/B, B, B), each run of B channels by its own block.
-    Any of them may be None.
+    Any of them may be None. ``prologue``, ``pro_mul``, ``pro_add``, ``norm_eps``: the op
+    that produced x, applied first (:func:`apply_prologue`; see ``quant_linear``).
     """
-    return transform_reference(x, perm, smooth, rot)
+    return transform_reference(x, perm, smooth, rot, prologue, pro_mul, pro_add, norm_eps)
 
 
 @transform.register_fake
-def _(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None) -> Tensor:
+def _(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
+      prologue: str | None = None, pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
+      norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -98,8 +141,11 @@ def quant_linear_reference(
     a_format: str = "int",
     w_format: str = "int",
     a8_rows: Tensor | None = None,
+    pro_mul: Tensor | None = None,
+    pro_add: Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> Tensor:
-    x = apply_prologue(x, prologue)
+    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
     if perm is not None or smooth is not None or rot is not None:
         x = transform_reference(x, perm, smooth, rot)
     w = reference_weight(w_q, w_scale, w_bits, w_format, x.shape[-1])
@@ -160,6 +206,9 @@ def quant_linear(
     a_format: str = "int",
     w_format: str = "int",
     a8_rows: Tensor | None = None,
+    pro_mul: Tensor | None = None,
+    pro_add: Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> Tensor:
     """y = Q_a(T(P(x))) · Q_w(W)ᵀ + b with a dynamically quantized activation.
 
@@ -171,8 +220,11 @@ def quant_linear(
     ``perm``/``smooth``/``rot``: the input transform ``T`` of ``clq::transform`` (identity
     when all None), computed exactly as that op computes it, then quantized: a transform
     with one consumer runs inside the activation quantizer (one kernel, one read of x).
-    ``prologue``: an elementwise op (``PROLOGUES``) applied to x first, in x's dtype: the
-    GELU that produced the input of an MLP's down-projection, fused into its quantizer.
+    ``prologue`` (``PROLOGUES``), ``pro_mul``, ``pro_add``, ``norm_eps``: the op that
+    produced x, fused into its quantizer and applied first (:func:`apply_prologue`): the
+    GELU before an MLP's down-projection, or the LayerNorm (eps ``norm_eps``) and adaLN
+    modulation ``* (1 + scale) + shift`` before q/k/v or an MLP (``pro_mul``/``pro_add``
+    in x's dtype, broadcasting against x).
     ``a_format`` "lzs": the activation is coded by QuaRTZ's leading-zero suppression
     (``clq_compile.lzs``, ``a_bits`` 4, ``a_group`` its group) instead of as integers.
     ``w_format`` "twinlog": ``w_q`` holds LRQ-DiT twin-log codes (less 8, packed int4)
@@ -182,7 +234,8 @@ def quant_linear(
     precision a timestep's policy picks, as data, no branch per call).
     """
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
-                                  perm, smooth, rot, prologue, a_format, w_format, a8_rows)
+                                  perm, smooth, rot, prologue, a_format, w_format, a8_rows,
+                                  pro_mul, pro_add, norm_eps)
 
 
 @quant_linear.register_fake
@@ -202,5 +255,8 @@ def _(
     a_format: str = "int",
     w_format: str = "int",
     a8_rows: Tensor | None = None,
+    pro_mul: Tensor | None = None,
+    pro_add: Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

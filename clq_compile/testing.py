@@ -222,3 +222,18 @@ def plan_context(model: torch.nn.Module, calls: list[Any], spec: Any = None,
     graphs, calls = capture_calls(model, calls)
     gm = analyze(graphs[0].gm, spec, resolve_recipe(recipe))
     return PlanContext(gm, spec, flatten_calls(gm, calls), GraphRunner(gm))
+
+
+def recording_backend() -> tuple[list[tuple[Any, list[Any]]], Callable[..., Any]]:
+    """(runs, backend): a torch.compile backend running the ``clq`` one (options passed
+    through) that records each compiled callable with its example inputs, for tests that
+    read the rewritten graph (``run.graph_module``) or what was lowered."""
+    from clq_compile import backend as be
+
+    runs: list[tuple[Any, list[Any]]] = []
+
+    def keep(gm: torch.fx.GraphModule, example_inputs: list[Any], **kw: Any) -> Any:
+        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
+        return runs[-1][0]
+
+    return runs, keep

@@ -7,14 +7,16 @@ family, never by one spelling.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from clq_compile.ops import PROLOGUES
+from clq_compile.ops import GELU_PROLOGUES
 
 aten = torch.ops.aten
 
@@ -73,11 +75,11 @@ def reach_back(node: fx.Node, through: frozenset[str],
 
 
 def gelu_kind(node: fx.Node) -> str | None:
-    """"gelu" or "gelu_tanh" (``clq_compile.ops.PROLOGUES``) for a GELU node, else None."""
+    """"gelu" or "gelu_tanh" (``clq_compile.ops.GELU_PROLOGUES``) for a GELU node, else None."""
     if node.op != "call_function" or node.target not in GELU_TARGETS:
         return None
     approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-    return next((k for k, v in PROLOGUES.items() if v == approximate), None)
+    return next((k for k, v in GELU_PROLOGUES.items() if v == approximate), None)
 
 
 def is_inert_dropout(node: fx.Node) -> bool:
@@ -91,6 +93,32 @@ def is_inert_dropout(node: fx.Node) -> bool:
     return train is False or p == 0
 
 
+CAST_OPS = frozenset({"to", "to_copy", "type_as", "float", "type"})
+
+
+def is_cast(node: fx.Node) -> bool:
+    """A dtype cast (``to``, ``float``, ``type_as``; Dynamo's method calls too)."""
+    name = node.target if node.op == "call_method" else op_name(node)
+    return node.op in ("call_function", "call_method") and name in CAST_OPS and bool(node.args)
+
+
+def is_inert_cast(node: fx.Node) -> bool:
+    """A dtype cast that changes nothing (same dtype, shape and device in and out), as a
+    model's ``x.float()`` / ``.type_as(x)`` is when it already runs in fp32."""
+    if not is_cast(node):
+        return False
+    src, out = node.args[0], val(node)
+    src = val(src) if isinstance(src, fx.Node) else None
+    return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and
+            (src.dtype, src.shape, src.device) == (out.dtype, out.shape, out.device))
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users that read ``node``'s value: not export's ``_assert_tensor_metadata``
+    checks, which only guard its dtype and die with it."""
+    return [u for u in node.users if op_name(u) != "assert_tensor_metadata"]
+
+
 def op_name(node: fx.Node) -> str:
     """A short lowercase name of what a node computes ("view", "gelu", "linear", ...)."""
     if node.op != "call_function":
@@ -100,6 +128,27 @@ def op_name(node: fx.Node) -> str:
     if hasattr(t, "_opname"):  # OpOverload: aten.view.default -> "view"
         name = t._opname
     return name.lower().strip("_")
+
+
+def call_arguments(node: fx.Node) -> dict[str, Any] | None:
+    """A call's arguments by name, defaults filled in (an aten overload by its schema, a
+    Python function by its signature); None when neither can be read."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        out = {}
+        for i, a in enumerate(schema.arguments):
+            if i < len(node.args):
+                out[a.name] = node.args[i]
+            else:
+                out[a.name] = node.kwargs.get(
+                    a.name, a.default_value if a.has_default_value() else None)
+        return out
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def val(node: fx.Node):

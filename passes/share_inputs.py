@@ -12,10 +12,9 @@ q, k and v each transform and quantize the same tensor. Two passes remove the re
   moves into it (its optional ``perm``/``smooth``/``rot``), so the kernel reads x once,
   transforms and quantizes it in one launch. A transform that also feeds a low-rank branch
   or several quantizers (CLPS chose different clips) stays a node of its own.
-- :class:`FusePrologues`: a GELU read only by one ``quant_linear`` (an MLP's
-  down-projection) moves into it (``prologue``): its output, the MLP's widest tensor, is
-  never written. Norm + adaLN modulation before q/k/v is left to Inductor (the ``clq``
-  backend hands it the graph), which fuses it into one kernel of its own.
+- :class:`~clq_compile.passes.prologues.FusePrologues`: the op producing a
+  ``quant_linear``'s input (GELU; LayerNorm + adaLN modulation) moves into it, so its
+  output is never written.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ import torch.fx as fx
 
 from clq_compile.annotations import LAYERS_KEY, layer_names
 from clq_compile.passes.find_linears import fetch_attr
-from clq_compile.passes.graph_utils import gelu_kind, is_inert_dropout
 from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.passes.post_norms import AddNormBiases
+from clq_compile.passes.prologues import FusePrologues
 from clq_compile.passes.rewrite import (
     QUANT_LINEAR,
     TRANSFORM,
@@ -49,7 +48,6 @@ aten = torch.ops.aten
 _X, _W_Q, _W_SCALE, _BIAS = 0, 1, 2, 3
 _ACT = slice(4, 8)  # w_bits, a_bits, a_group, a_clip
 _TRANSFORM_ARGS = slice(8, 11)
-_PROLOGUE = 11
 
 
 def _finish(gm: fx.GraphModule, modified: bool) -> PassResult:
@@ -157,32 +155,11 @@ class FuseTransforms(GraphPass):
             q = users[0]
             if q.args[_X] is not t or t in q.args[1:] or len(q.args) > _TRANSFORM_ARGS.start:
                 continue
+            if len(t.args) > 4 or t.kwargs:  # its prologue has no slot left in q
+                log.debug("%s: %s holds a prologue; it stays a node", self.name, t)
+                continue
             q.args = (t.args[0], *q.args[1:], *t.args[1:4])
             gm.graph.erase_node(t)
-            modified = True
-        return _finish(gm, modified)
-
-
-class FusePrologues(GraphPass):
-    """Ensures no ``quant_linear`` reads as its input a GELU that nothing else reads
-    (directly, or through an eval-mode dropout, which export keeps as a node)."""
-
-    name = "fuse_prologues"
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
-        for q in quant_linear_nodes(gm):
-            chain = [q.args[_X]]  # the GELU, then any inert dropouts after it
-            while is_inert_dropout(chain[0]) and len(chain[0].users) == 1:
-                chain.insert(0, chain[0].args[0])
-            kind = gelu_kind(chain[0])
-            if kind is None or any(len(n.users) != 1 for n in chain) or \
-                    chain[-1] in q.args[1:] or len(q.args) > _PROLOGUE:
-                continue
-            transform = (*q.args[_TRANSFORM_ARGS], None, None, None)[:3]
-            q.args = (chain[0].args[0], *q.args[1:_TRANSFORM_ARGS.start], *transform, kind)
-            for n in reversed(chain):
-                gm.graph.erase_node(n)
             modified = True
         return _finish(gm, modified)
 

@@ -13,7 +13,7 @@ import torch._dynamo
 import clq_compile as clq
 from clq_compile.annotations import layer_names
 from clq_compile.qlinear import sqnr
-from clq_compile.testing import TINY_MODELS, tiny_pixart
+from clq_compile.testing import TINY_MODELS, recording_backend, tiny_pixart
 
 
 @pytest.fixture(autouse=True)
@@ -270,22 +270,13 @@ def test_calibrating_recipe_without_calibration_is_a_clear_error():
             torch.compile(model, backend="clq", options={"recipe": "clq"})(**inputs(0))
 
 
-def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
+def test_inductor_compiles_the_rewritten_graph_and_still_repacks():
     """options={"inductor": True}: the graph minus its weight packers goes to Inductor
     (on CPU: C++ for everything but the clq ops, which stay extern kernels); packing runs
     outside it, so an in-place weight change still repacks. Against the eager backend the
     output moves only by Inductor's float32 reassociation in norms/softmax, which can flip
     a rare 8-bit activation code: measured 121 dB, floor 80 dB."""
-    runs = []
-    import clq_compile.backend as be
-
-    real = be.clq_backend
-
-    def keep(gm, example_inputs, **kw):
-        runs.append(real(gm, example_inputs, **kw))
-        return runs[-1]
-
-    monkeypatch.setattr(be, "clq_backend", keep)
+    runs, keep = recording_backend()
     model, inputs = tiny_pixart()
     x = inputs(2)
     with torch.no_grad():
@@ -295,7 +286,7 @@ def test_inductor_compiles_the_rewritten_graph_and_still_repacks(monkeypatch):
         compiled = torch.compile(model, backend=keep, fullgraph=True,
                                  options={"bits": "w8a8", "inductor": True})
         out = compiled(**x)[0]
-        assert [r.inductor for r in runs] == [False, True]
+        assert [r.inductor for r, _ in runs] == [False, True]
         assert sqnr(eager, out) > 80.0
         lin = model.transformer_blocks[1].ff.net[2]
         lin.weight.mul_(3.0)
@@ -342,12 +333,7 @@ def test_weights_reach_inductor_as_static_inputs(monkeypatch):
 
     import clq_compile.backend as be
 
-    runs = []
-
-    def keep(gm, example_inputs, **kw):
-        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
-        return runs[-1][0]
-
+    runs, keep = recording_backend()
     model, inputs = tiny_pixart()
     x = inputs(2)
     with torch.no_grad():
@@ -374,3 +360,24 @@ def test_weights_reach_inductor_as_static_inputs(monkeypatch):
     assert len(activations) == 3  # hidden_states, encoder_hidden_states, timestep
     assert seen["n"] == len(flat) + len(consts)
     assert set(range(seen["n"])) - seen["static"] == set(activations)
+
+
+def test_backend_graph_fuses_norm_and_modulation_into_the_quantizers():
+    """The backend's graphs are Dynamo's (``F.layer_norm``, ``operator.mul``): the same
+    prologue rule fuses each block's norms with their adaLN modulation (q/k/v's input and
+    the MLP's), and no LayerNorm is left in front of a quantizer."""
+    runs, keep = recording_backend()
+    model, inputs = tiny_pixart()
+    with torch.no_grad():
+        out = torch.compile(model, backend=keep, fullgraph=True,
+                            options={"recipe": "quarot", "bits": "w4a4",
+                                     "inductor": False})(**inputs(2))[0]
+    ((run, _),) = runs
+    q_nodes = [n for n in run.graph_module.graph.nodes
+               if n.target == torch.ops.clq.quant_linear.default]
+    fused = [q for q in q_nodes if q.args[11:] == ("layer_norm",)]
+    assert len(fused) == 2 * len(model.transformer_blocks)  # norm1 -> q/k/v, norm2 -> MLP
+    assert all(set(q.kwargs) >= {"pro_mul", "pro_add"} for q in fused)
+    with torch.no_grad():
+        ref = model(**inputs(2))[0]
+    assert sqnr(ref, out) > 10.0  # W4A4 of a random tiny model: the output is still it

@@ -75,3 +75,19 @@ def test_ops_export_through_fake_impls():
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
     assert torch.ops.clq.quant_linear.default in targets
     assert ep.module()(torch.randn(2, 3, 32)).shape == (2, 3, 8)
+
+
+def test_prologue_arguments_are_checked():
+    """A modulation operand of another dtype would make the op's output dtype differ from
+    its fake (x's): refused, saying why; an unknown prologue is named."""
+    x = torch.randn(2, 3, 16)
+    w_q, w_s = quantize_weight(torch.randn(8, 16), 4)
+    op = torch.ops.clq.quant_linear.default
+    with pytest.raises(ValueError, match="type promotion"):
+        op(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None, None, "layer_norm",
+           pro_mul=torch.ones(2, 1, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="'rms_norm' not in"):
+        torch.ops.clq.transform.default(x, None, None, None, "rms_norm")
+    y = torch.ops.clq.transform.default(x, None, None, None, "layer_norm",
+                                        pro_add=torch.ones(16))
+    assert torch.equal(y, torch.nn.functional.layer_norm(x, (16,)) + 1)

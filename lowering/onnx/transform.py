@@ -8,16 +8,42 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript import opset21 as op
 
+from clq_compile.ops import DEFAULT_NORM_EPS, GELU_PROLOGUES
+
 from .activation import cast_like, const, merge_last, rank_of, split_last, to_float
+from .errors import OnnxExportError
+
+
+def apply_prologue(x: ir.Value, prologue: str | None, pro_mul: ir.Value | None,
+                   pro_add: ir.Value | None, norm_eps: float) -> ir.Value:
+    """``clq_compile.ops.apply_prologue`` in ONNX: the producer fused into the op, each
+    step in x's dtype (the norm computed in float, as torch computes it, then cast)."""
+    if prologue in GELU_PROLOGUES:
+        x = op.Gelu(x, approximate=GELU_PROLOGUES[prologue])
+    elif prologue == "layer_norm":
+        xf = to_float(x)
+        ones = op.ConstantOfShape(op.Shape(xf, start=-1),
+                                  value=ir.tensor(np.array([1.0], np.float32)))
+        y, _, _ = op.LayerNormalization(xf, ones, axis=-1, epsilon=norm_eps)  # Y, mean, 1/std
+        x = cast_like(y, x)
+    elif prologue is not None:
+        raise OnnxExportError(f"prologue {prologue!r} has no ONNX lowering", op="clq")
+    if pro_mul is not None:
+        x = op.Mul(x, pro_mul)
+    if pro_add is not None:
+        x = op.Add(x, pro_add)
+    return x
 
 
 def transform(
-    x: ir.Value, perm: ir.Value | None, smooth: ir.Value | None, rot: ir.Value | None
+    x: ir.Value, perm: ir.Value | None, smooth: ir.Value | None, rot: ir.Value | None,
+    prologue: str | None = None, pro_mul: ir.Value | None = None,
+    pro_add: ir.Value | None = None, norm_eps: float = DEFAULT_NORM_EPS,
 ) -> ir.Value:
-    """Same order as ``clq_compile.ops.transform_reference``: float32, gather, scale,
-    rotate each length-B block of the last dim, cast back to x's dtype."""
+    """Same order as ``clq_compile.ops.transform``: the prologue, then float32, gather,
+    scale, rotate each length-B block of the last dim, cast back to x's dtype."""
     rank = rank_of(x)
-    y = to_float(x)
+    y = to_float(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps))
     if perm is not None:
         y = op.Gather(y, perm, axis=rank - 1)
     if smooth is not None:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 from onnxscript import opset21 as op
 
-from clq_compile.ops import PROLOGUES, unpack_weight, weight_group
+from clq_compile.ops import DEFAULT_NORM_EPS, unpack_weight, weight_group
 from clq_compile.spec import A_FORMATS, W_FORMATS
 
 from .activation import (
@@ -30,7 +30,7 @@ from .activation import (
     to_float,
 )
 from .errors import OnnxExportError
-from .transform import transform
+from .transform import apply_prologue, transform
 
 _INT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
 
@@ -211,9 +211,11 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
         a_format: str = "int",
         w_format: str = "int",
         a8_rows: ir.Value | None = None,
+        pro_mul: ir.Value | None = None,
+        pro_add: ir.Value | None = None,
+        norm_eps: float = DEFAULT_NORM_EPS,
     ) -> ir.Value:
-        if prologue is not None:  # the producer's GELU, fused into the op
-            x = _like(op.Gelu(x, approximate=PROLOGUES[prologue]), x)
+        x = _like(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps), x)
         if perm is not None or smooth is not None or rot is not None:
             x = _like(transform(x, perm, smooth, rot), x)  # the op's fused input transform
         if a_format not in A_FORMATS or w_format not in W_FORMATS:

@@ -28,9 +28,11 @@ from clq_compile.lowering.triton.support import (
     CONTAINERS,
     RowPlan,
     Unsupported,
+    plan_prologue,
     plan_quantize,
     plan_rows,
 )
+from clq_compile.ops import DEFAULT_NORM_EPS
 from clq_compile.quant import EPS
 
 # tl.dot precision of the fp32 rotation. "tf32x3" (three tf32 MMAs) keeps ~fp32 accuracy
@@ -41,7 +43,7 @@ from clq_compile.quant import EPS
 ROT_PRECISIONS = ("tf32x3", "tf32", "ieee")
 DEFAULT_ROT_PRECISION = "ieee" if configs.interpreting() else "tf32x3"
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
-_PROLOGUE_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2}  # clq_compile.ops.PROLOGUES
+_PROLOGUE_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "layer_norm": 3}  # ops.PROLOGUES
 
 
 @triton.jit
@@ -69,9 +71,33 @@ def _round_as(x, CODE: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(x_ptr, offs_m, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """Each row's mean and 1/sqrt(var + eps) (biased variance, as LayerNorm's), in fp32:
+    one pass, tiles merged by Chan's update, so a large mean costs no precision."""
+    mean = tl.zeros((BLOCK_M,), tl.float32)
+    m2 = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs_k[None, :] < K)
+        ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        n_b = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+        t_mean = tl.sum(x, axis=1) / n_b
+        d = tl.where(mask, x - t_mean[:, None], 0.0)
+        n_a = k0 * 1.0
+        delta = t_mean - mean
+        mean = mean + delta * (n_b / (n_a + n_b))
+        m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+    var = m2 / K
+    return mean, tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
 def _prologue(x, PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr):
     """GELU (1: erf, 2: tanh form) in fp32, rounded to x's dtype as the unfused op's output
-    is. tanh(u) = 2·sigmoid(2u) − 1: Triton has no tanh of its own."""
+    is. tanh(u) = 2·sigmoid(2u) − 1: Triton has no tanh of its own. LayerNorm (3) is
+    applied by the caller, which has the row statistics."""
     if PROLOGUE == 1:
         x = _round_as(0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476)), IN_ROUND)
     elif PROLOGUE == 2:
@@ -81,15 +107,40 @@ def _prologue(x, PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr):
 
 
 @triton.jit
+def _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, IN_ROUND: tl.constexpr,
+               HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, PROLOGUE: tl.constexpr):
+    """The prologue's LayerNorm (``stats``: mean, rstd), ``* mul``, ``+ add``, each
+    rounded to x's dtype as the unfused ops' outputs are; ``mod_ptr`` (mul, add) hold
+    (rows, K) operands, row ``m // MOD_PER`` serving x's row m."""
+    if PROLOGUE == 3:
+        mean, rstd = stats
+        x = _round_as((x - mean[:, None]) * rstd[:, None], IN_ROUND)
+    mul_ptr, add_ptr = mod_ptr
+    stride_mul, stride_add = stride_mod
+    if HAS_MUL:
+        mrow = (offs_m // MOD_PER).to(tl.int64)[:, None] * stride_mul
+        x = _round_as(x * tl.load(mul_ptr + mrow + cols[None, :], mask=mask, other=0.0)
+                      .to(tl.float32), IN_ROUND)
+    if HAS_ADD:
+        arow = (offs_m // MOD_PER).to(tl.int64)[:, None] * stride_add
+        x = _round_as(x + tl.load(add_ptr + arow + cols[None, :], mask=mask, other=0.0)
+                      .to(tl.float32), IN_ROUND)
+    # Columns past K must stay 0 (they enter the absmax): the norm and add move them.
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
 def _transformed_tile(
     x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K, stride_xm, stride_xk,
+    stats, mod_ptr, stride_mod, MOD_PER,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr, ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
-    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, HAS_MUL: tl.constexpr,
+    HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """fp32 tile of ((P(x)[:, perm] * smooth) · blockdiag(rot)) for columns
-    k0..k0+BLOCK_K, P the prologue (elementwise, so it commutes with the gather)."""
+    k0..k0+BLOCK_K, P the prologue (per element, or per row for the norm, so it commutes
+    with the gather; the modulation operands are gathered alike)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     if HAS_PERM:
@@ -99,6 +150,9 @@ def _transformed_tile(
     mask = mask_m[:, None] & mask_k[None, :]
     ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk
     x = _prologue(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), PROLOGUE, IN_ROUND)
+    if PROLOGUE == 3 or HAS_MUL or HAS_ADD:
+        x = _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, IN_ROUND,
+                       HAS_MUL, HAS_ADD, PROLOGUE)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         x = x * s[None, :]
@@ -170,12 +224,13 @@ def _row_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_row_configs(), key=[
     "M_BUCKET", "K", "BLOCK_K", "MODE", "BITS", "GROUP", "ROT_B", "ROT_OUTER", "HAS_PERM",
-    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE", "PROLOGUE",
+    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE", "PROLOGUE", "HAS_MUL", "HAS_ADD",
 ])
 @triton.jit
 def _rows_kernel(
-    x_ptr, perm_ptr, smooth_ptr, rot_ptr, out_ptr, scale_ptr,
-    M, K, stride_xm, stride_xk, stride_om, stride_sm, clip, M_BUCKET,
+    x_ptr, perm_ptr, smooth_ptr, rot_ptr, out_ptr, scale_ptr, mul_ptr, add_ptr,
+    M, K, stride_xm, stride_xk, stride_om, stride_sm, stride_mul, stride_add, MOD_PER, eps,
+    clip, M_BUCKET,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr,  # 1: dense B×B dot; >1: factored Hadamard, see _butterflies
     ROUND_TO: tl.constexpr, OUT_ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr,
@@ -183,11 +238,18 @@ def _rows_kernel(
     BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
     STORE: tl.constexpr,  # see _store_q
     PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr,  # see _prologue
+    HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,  # see _modulated
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
+    if PROLOGUE == 3:  # LayerNorm: the row statistics first (one more read of the row)
+        stats = _row_stats(x_ptr, offs_m, mask_m, K, stride_xm, stride_xk, eps, BLOCK_M,
+                           BLOCK_K)
+    else:
+        stats = (0.0, 0.0)
+    mod_ptr, stride_mod = (mul_ptr, add_ptr), (stride_mul, stride_add)
     if ROT_B > 0:
         rb = tl.arange(0, ROT_B // ROT_OUTER)
         rot = tl.load(rot_ptr + rb[:, None] * (ROT_B // ROT_OUTER) + rb[None, :]).to(tl.float32)
@@ -198,8 +260,9 @@ def _rows_kernel(
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                                  stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B,
-                                  ROT_OUTER, ROUND_TO, ROT_PRECISION, PROLOGUE, IN_ROUND,
+                                  stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
+                                  HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO,
+                                  ROT_PRECISION, PROLOGUE, IN_ROUND, HAS_MUL, HAS_ADD,
                                   BLOCK_M, BLOCK_K)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _scale_of(amax, clip, QMAX, EPS_)
@@ -207,8 +270,9 @@ def _rows_kernel(
 
     for k0 in range(0, K, BLOCK_K):
         x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                              stride_xm, stride_xk, HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER,
-                              ROUND_TO, ROT_PRECISION, PROLOGUE, IN_ROUND, BLOCK_M, BLOCK_K)
+                              stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
+                              HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO, ROT_PRECISION,
+                              PROLOGUE, IN_ROUND, HAS_MUL, HAS_ADD, BLOCK_M, BLOCK_K)
         if MODE == 0:
             if OUT_ROUND == 1:
                 x = round_to_bf16(x)
@@ -284,6 +348,15 @@ def _rot_shape(rot_tile: torch.Tensor | None, rot_outer: int) -> tuple[int, ...]
     return tuple(d * rot_outer for d in rot_tile.shape)
 
 
+def _mod_rows(*operands: torch.Tensor | None) -> int:
+    """Rows of the modulation operands in kernel form (checked equal where both are
+    given); 1 without any."""
+    rows = {t.shape[0] for t in operands if t is not None}
+    if len(rows) > 1:
+        raise Unsupported(f"modulation operands with {sorted(rows)} rows")
+    return rows.pop() if rows else 1
+
+
 def _launch(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -299,6 +372,9 @@ def _launch(
     store: int = 0,
     prologue: str | None = None,
     lzs_group: int = 0,
+    pro_mul: torch.Tensor | None = None,
+    pro_add: torch.Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> None:
     x2 = x.reshape(-1, plan.k)
     m = x2.shape[0]
@@ -315,8 +391,13 @@ def _launch(
         rot_tile if rot_tile is not None else dummy,
         out,
         scale if scale is not None else dummy,
+        pro_mul if pro_mul is not None else dummy,
+        pro_add if pro_add is not None else dummy,
         m, plan.k, x2.stride(0), x2.stride(1), out.stride(0),
         scale.stride(0) if scale is not None else 0,
+        pro_mul.stride(0) if pro_mul is not None else 0,
+        pro_add.stride(0) if pro_add is not None else 0,
+        m // _mod_rows(pro_mul, pro_add), float(norm_eps),
         float(clip), configs.m_bucket(int(m)),
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, ROT_B=plan.rot_block,
         ROT_OUTER=rot_outer,
@@ -324,7 +405,8 @@ def _launch(
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, lzs_group, 1),
         EPS_=EPS, STORE=store, PROLOGUE=_PROLOGUE_CODES[prologue],
-        IN_ROUND=_round_code(x.dtype), BLOCK_K=plan.block_k,
+        IN_ROUND=_round_code(x.dtype), HAS_MUL=pro_mul is not None,
+        HAS_ADD=pro_add is not None, BLOCK_K=plan.block_k,
         **options,  # eagerly: keep x*smooth and the rounding trick separate IEEE ops
     )
 
@@ -343,6 +425,9 @@ def rotate_quantize(
     prologue: str | None = None,
     lzs_group: int = 0,
     rot_outer: int | None = None,
+    pro_mul: torch.Tensor | None = None,
+    pro_add: torch.Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -354,18 +439,20 @@ def rotate_quantize(
     how the integers are stored (``CONTAINERS``): "packed" (int4 pairs / int8), "int8" (one
     int8 per element, for the int8 GEMM route) or "fp8" (float8 e4m3, exact for 4-bit
     values, for ``torch._scaled_mm``). ``prologue``: ``clq_compile.ops.PROLOGUES``, applied
-    to x first and rounded to its dtype. ``lzs_group`` (16 or 32; ``bits`` 8, per
-    token): QuaRTZ's leading-zero suppression of the int8 codes, stored decoded
-    (``code << FLAG``, exact in int8) for the int8 GEMM: ``Σ (c << f)·w`` over a group is
-    that group's partial sum shifted by ``f``, and NVIDIA tensor cores have no 4-bit
-    multiply with a per-group shift to run the coded form on. ``rot_outer`` given: ``rot``
-    is already in kernel form (:func:`rotation_operand`), so no value is read on the host
-    and a trace (make_fx, Inductor) records the launch as a user-defined Triton kernel.
-    Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
+    to x first and rounded to its dtype, then ``* pro_mul`` and ``+ pro_add`` in kernel
+    form (``support.modulation_operand``; LayerNorm eps ``norm_eps``). ``lzs_group``
+    (16 or 32; ``bits`` 8, per token): QuaRTZ's leading-zero suppression of the int8
+    codes, stored decoded (``code << FLAG``, exact in int8) for the int8 GEMM:
+    ``Σ (c << f)·w`` over a group is that group's partial sum shifted by ``f``, and NVIDIA
+    tensor cores have no 4-bit multiply with a per-group shift to run the coded form on.
+    ``rot_outer`` given: ``rot`` is already in kernel form (:func:`rotation_operand`), so
+    no value is read on the host and a trace (make_fx, Inductor) records the launch as a
+    user-defined Triton kernel. Raises :class:`~clq_compile.lowering.triton.support.Unsupported`.
     """
     rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
     plan = plan_quantize(x, perm, smooth, _rot_shape(rot, rot_outer), bits, group, clip,
-                         container, prologue, lzs_group)
+                         container, prologue, lzs_group,
+                         tuple(t.shape[0] for t in (pro_mul, pro_add) if t is not None))
     m = x.numel() // plan.k if plan.k else 0
     store = CONTAINERS.index(container)
     width = plan.k // 2 if bits == 4 and store == 0 else plan.k
@@ -375,7 +462,7 @@ def rotate_quantize(
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
     _launch(x, perm, smooth, rot, rot_outer, plan, q, scale, clip, round_to,
-            rot_precision, store, prologue, lzs_group)
+            rot_precision, store, prologue, lzs_group, pro_mul, pro_add, norm_eps)
     return q, scale
 
 
@@ -386,12 +473,19 @@ def transform(
     rot: torch.Tensor | None,
     rot_precision: str | None = None,
     rot_outer: int | None = None,
+    prologue: str | None = None,
+    pro_mul: torch.Tensor | None = None,
+    pro_add: torch.Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> torch.Tensor:
     """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype.
-    ``rot_outer``: as in :func:`rotate_quantize`."""
+    ``rot_outer``, the prologue and its operands (in kernel form): as in
+    :func:`rotate_quantize`."""
     rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
+    plan_prologue(x, prologue, tuple(t.shape[0] for t in (pro_mul, pro_add) if t is not None))
     plan = plan_rows(x, perm, smooth, _rot_shape(rot, rot_outer), 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, perm, smooth, rot, rot_outer, plan, out.view(-1, plan.k), None, 1.0,
-            _ROUND_NONE, rot_precision)
+            _ROUND_NONE, rot_precision, prologue=prologue, pro_mul=pro_mul, pro_add=pro_add,
+            norm_eps=norm_eps)
     return out

@@ -41,7 +41,7 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # scale columns): Triton turns those into constants.
 UNIT_ARGS = {"stride_ak", "stride_wk", "stride_on", "stride_asm", "stride_wsn", "stride_xk",
              "stride_sm"}
-FLOAT_ARGS = {"clip"}
+FLOAT_ARGS = {"clip", "eps"}
 
 @dataclass
 class Variant:
@@ -106,10 +106,11 @@ def _row_variants() -> list[Variant]:
     from clq_compile.quant import EPS
 
     ptrs = dict(x_ptr="*bf16", perm_ptr="*i64", smooth_ptr="*fp32", rot_ptr="*fp32",
-                out_ptr="*i8", scale_ptr="*fp32")
+                out_ptr="*i8", scale_ptr="*fp32", mul_ptr="*bf16", add_ptr="*bf16")
     base = dict(HAS_PERM=True, HAS_SMOOTH=True, ROT_B=128, ROT_OUTER=8, ROUND_TO=1, OUT_ROUND=0,
                 ROT_PRECISION="tf32x3", MODE=1, BITS=4, QMAX=7, GROUP=1, EPS_=EPS, STORE=0,
-                PROLOGUE=0, IN_ROUND=1, BLOCK_K=configs.GPU_ROW_BLOCK_K)
+                PROLOGUE=0, IN_ROUND=1, HAS_MUL=False, HAS_ADD=False,
+                BLOCK_K=configs.GPU_ROW_BLOCK_K)
 
     def v(name, ptr_over=None, min_arch=80, **over):
         return Variant(name, "rows", {**ptrs, **(ptr_over or {})}, {**base, **over}, "rows",
@@ -123,6 +124,9 @@ def _row_variants() -> list[Variant]:
           STORE=2),
         v("act-int4-token-gelu-tanh-fp8", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
           STORE=2, PROLOGUE=2),
+        v("act-int4-token-layernorm-adaln-h128", PROLOGUE=3, HAS_MUL=True, HAS_ADD=True),
+        v("act-int4-token-layernorm-adaln-fp8", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
+          STORE=2, PROLOGUE=3, HAS_MUL=True, HAS_ADD=True),
         v("act-int4-group128", HAS_PERM=False, HAS_SMOOTH=False, ROT_B=0, MODE=2, GROUP=128),
         v("act-int8-token-fp16", {"x_ptr": "*fp16"}, ROT_B=0, ROUND_TO=2, BITS=8, QMAX=127),
         v("transform-h16-bf16", {"out_ptr": "*bf16"}, HAS_SMOOTH=False, ROT_B=16, ROT_OUTER=1,

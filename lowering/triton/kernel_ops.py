@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from clq_compile.lowering.triton import act_quant, qgemm, routes
+from clq_compile.lowering.triton.support import modulation_operand
 from clq_compile.ops import apply_prologue
 
 
@@ -36,6 +37,8 @@ def quant_linear(
     smooth: Tensor | None,
     rot_tile: Tensor | None,
     rot_outer: int,
+    pro_mul: Tensor | None,
+    pro_add: Tensor | None,
     route: str,
     w_bits: int,
     a_bits: int,
@@ -43,37 +46,43 @@ def quant_linear(
     a_clip: float,
     prologue: str | None,
     lzs_group: int,
+    norm_eps: float,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels, decided (``dispatch.plan_linear``): transform
     and quantize x (one launch; none for weight-only ``a_bits`` 16), then the route's GEMM.
     ``w`` is the route's weight (``LinearCall.weight``), ``rot_tile``/``rot_outer`` the
-    rotation in kernel form (``act_quant.rotation_operand``)."""
+    rotation in kernel form (``act_quant.rotation_operand``), ``pro_mul``/``pro_add`` the
+    prologue's modulation as the op takes it (broadcasting against x)."""
     with _on_device(x):
-        return _quant_linear(x, w, w_scale, bias, perm, smooth, rot_tile, rot_outer, route,
-                             w_bits, a_bits, a_group, a_clip, prologue, lzs_group)
+        return _quant_linear(x, w, w_scale, bias, perm, smooth, rot_tile, rot_outer, pro_mul,
+                             pro_add, route, w_bits, a_bits, a_group, a_clip, prologue,
+                             lzs_group, norm_eps)
 
 
 def _quant_linear(
     x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, perm: Tensor | None,
-    smooth: Tensor | None, rot_tile: Tensor | None, rot_outer: int, route: str, w_bits: int,
-    a_bits: int, a_group: int, a_clip: float, prologue: str | None, lzs_group: int,
+    smooth: Tensor | None, rot_tile: Tensor | None, rot_outer: int, pro_mul: Tensor | None,
+    pro_add: Tensor | None, route: str, w_bits: int, a_bits: int, a_group: int,
+    a_clip: float, prologue: str | None, lzs_group: int, norm_eps: float,
 ) -> Tensor:
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
     n = w.shape[0]
-    if x2.shape[0] == 0:
+    if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], n))
-    if a_bits == 16:
-        x2 = apply_prologue(x2, prologue)  # weight-only: no quantizer to fuse it into
+    if a_bits == 16:  # weight-only: no quantizer to fuse the prologue into
+        x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps).reshape(-1, k)
         if perm is not None or smooth is not None or rot_tile is not None:
             x2 = act_quant.transform(x2, perm, smooth, rot_tile, rot_outer=rot_outer)
         y = qgemm.quant_matmul(x2, None, w, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
+    mul_rows, add_rows = (modulation_operand(t, x.shape, x.dtype) for t in (pro_mul, pro_add))
     # Rounded to x's dtype before quantizing, as clq::transform's output would be.
-    a, a_scale = act_quant.rotate_quantize(x2, perm, smooth, rot_tile, a_bits, a_group,
-                                           a_clip, container=route, prologue=prologue,
-                                           lzs_group=lzs_group, rot_outer=rot_outer)
+    a, a_scale = act_quant.rotate_quantize(x.reshape(-1, k), perm, smooth, rot_tile, a_bits,
+                                           a_group, a_clip, container=route,
+                                           prologue=prologue, lzs_group=lzs_group,
+                                           rot_outer=rot_outer, pro_mul=mul_rows,
+                                           pro_add=add_rows, norm_eps=norm_eps)
     if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w, w_scale, bias, x.dtype)
     elif route == "int8":
@@ -88,11 +97,17 @@ def _quant_linear(
 @triton_op("clq_triton::transform", mutates_args={})
 def transform(
     x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot_tile: Tensor | None,
-    rot_outer: int,
+    rot_outer: int, pro_mul: Tensor | None, pro_add: Tensor | None, prologue: str | None,
+    norm_eps: float,
 ) -> Tensor:
-    """``clq::transform`` on the row kernel, the rotation in kernel form."""
+    """``clq::transform`` on the row kernel, the rotation in kernel form, the prologue's
+    modulation as the op takes it."""
     with _on_device(x):
-        return act_quant.transform(x, perm, smooth, rot_tile, rot_outer=rot_outer)
+        mul_rows, add_rows = (modulation_operand(t, x.shape, x.dtype) for t in (pro_mul,
+                                                                                pro_add))
+        return act_quant.transform(x, perm, smooth, rot_tile, rot_outer=rot_outer,
+                                   prologue=prologue, pro_mul=mul_rows, pro_add=add_rows,
+                                   norm_eps=norm_eps)
 
 
 def _on_device(x: Tensor) -> contextlib.AbstractContextManager:

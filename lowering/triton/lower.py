@@ -29,27 +29,14 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from clq_compile.errors import ConfigError
 from clq_compile.lowering.triton import dispatch
-from clq_compile.lowering.triton.support import Unsupported, plan_rows
+from clq_compile.lowering.triton.support import Unsupported
 from clq_compile.passes.find_linears import fetch_attr
+from clq_compile.passes.graph_utils import call_arguments
 from clq_compile.passes.infra import GraphPass, PassResult
 from clq_compile.passes.rewrite import QUANT_LINEAR, TRANSFORM, const_node, safe_name
 
 log = logging.getLogger(__name__)
 _CAT = torch.ops.aten.cat.default
-
-
-def _arguments(node: fx.Node) -> dict[str, Any]:
-    """The op's arguments by name, defaults filled in."""
-    schema = node.target._schema  # type: ignore[union-attr]
-    out = {}
-    for i, a in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[a.name] = node.args[i]
-        elif a.name in node.kwargs:
-            out[a.name] = node.kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
 
 
 def _val(arg: Any) -> Any:
@@ -159,13 +146,14 @@ class LowerToKernels(GraphPass):
             return const_node(gm, f"{rot.target}_kernel", tile)
 
     def _linear(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]) -> None:
-        a = _arguments(node)
+        a = call_arguments(node)
         x = _val(a["x"])
         cap = self._device(x)
         call = dispatch.plan_linear(
             x, _val(a["w_q"]), _val(a["w_scale"]), a["w_bits"], a["a_bits"], a["a_group"],
             a["a_clip"], _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), a["prologue"],
-            a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap)
+            a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap,
+            pro_mul=_val(a["pro_mul"]), pro_add=_val(a["pro_add"]), norm_eps=a["norm_eps"])
         if call.route != "packed" and call.a_bits < 16:
             self._check_weight(a["w_q"], call.route)
         tile, outer = self._rotation(gm, a["rot"], x.device)
@@ -174,18 +162,20 @@ class LowerToKernels(GraphPass):
         tile_node = self._tile(gm, node, a["rot"], tile)
         _replace(gm, node, torch.ops.clq_triton.quant_linear.default,
                  (a["x"], w, a["w_scale"], a["bias"], a["perm"], a["smooth"], tile_node, outer,
-                  *call.args()))
+                  a["pro_mul"], a["pro_add"], *call.args()))
 
     def _transform(self, gm: fx.GraphModule, node: fx.Node, placeholders: list[fx.Node]
                    ) -> None:
-        a = _arguments(node)
+        a = call_arguments(node)
         x = _val(a["x"])
         self._device(x)
-        plan_rows(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), 0, 0)
+        dispatch.plan_transform(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]),
+                                a["prologue"], _val(a["pro_mul"]), _val(a["pro_add"]))
         tile, outer = self._rotation(gm, a["rot"], x.device)
         tile_node = self._tile(gm, node, a["rot"], tile)
         _replace(gm, node, torch.ops.clq_triton.transform.default,
-                 (a["x"], a["perm"], a["smooth"], tile_node, outer))
+                 (a["x"], a["perm"], a["smooth"], tile_node, outer, a["pro_mul"],
+                  a["pro_add"], a["prologue"], float(a["norm_eps"])))
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> None:

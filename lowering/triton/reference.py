@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from clq_compile.lzs import lzs_decode, lzs_quantize
-from clq_compile.ops import apply_prologue, transform_reference, unpack_weight
+from clq_compile.ops import DEFAULT_NORM_EPS, apply_prologue, transform_reference, unpack_weight
 from clq_compile.quant import pack_int4, quantize, unpack_int4
 
 _INT32 = torch.iinfo(torch.int32)
@@ -29,11 +29,15 @@ def rotate_quantize_reference(
     round_to_input_dtype: bool = True,
     prologue: str | None = None,
     lzs_group: int = 0,
+    pro_mul: torch.Tensor | None = None,
+    pro_add: torch.Tensor | None = None,
+    norm_eps: float = DEFAULT_NORM_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``act_quant.rotate_quantize``: prologue, transform, then
-    ``clq_compile.quant`` (``clq_compile.lzs`` decoded, with ``lzs_group``)."""
+    ``clq_compile.quant`` (``clq_compile.lzs`` decoded, with ``lzs_group``). The
+    modulation operands broadcast against x (the op's form, not the kernel's)."""
     k = x.shape[-1]
-    x2 = apply_prologue(x.reshape(-1, k), prologue)
+    x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps).reshape(-1, k)
     if perm is None and smooth is None and rot is None:
         y = x2
     elif round_to_input_dtype:

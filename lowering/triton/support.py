@@ -14,7 +14,7 @@ import torch
 from clq_compile.hadamard import is_pow2
 from clq_compile.lowering.triton import configs
 from clq_compile.lzs import GROUPS as LZS_GROUPS
-from clq_compile.ops import PROLOGUES
+from clq_compile.ops import PROLOGUES, modulation_rows
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # How the quantizer stores integers, one per GEMM route (routes.ROUTES): int4 pairs / int8,
@@ -99,6 +99,41 @@ def plan_rows(
     return RowPlan(k=k, bits=bits, group=group, rot_block=b, block_k=block_k)
 
 
+def plan_modulation(t: torch.Tensor | None, x_shape: tuple[int, ...] | torch.Size,
+                    x_dtype: torch.dtype) -> int | None:
+    """Rows of a prologue's ``pro_mul``/``pro_add`` in kernel form (None when absent):
+    it must broadcast against x per sample or per token and have x's dtype. Shapes and
+    dtypes only (a fake tensor will do). Raises :class:`Unsupported`."""
+    if t is None:
+        return None
+    found = modulation_rows(tuple(t.shape), tuple(x_shape))
+    if found is None:
+        raise Unsupported(f"modulation operand {tuple(t.shape)} is not one row per sample or "
+                          f"token of x {tuple(x_shape)}")
+    if t.dtype != x_dtype:
+        raise Unsupported(f"modulation operand is {t.dtype}, x {x_dtype}")
+    return found[0]
+
+
+def modulation_operand(t: torch.Tensor | None, x_shape: tuple[int, ...] | torch.Size,
+                       x_dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` as the kernel reads it: (rows, K) contiguous, each row serving M / rows
+    consecutive rows of x (:func:`plan_modulation`)."""
+    rows = plan_modulation(t, x_shape, x_dtype)
+    return None if t is None else t.reshape(rows, x_shape[-1]).contiguous()
+
+
+def plan_prologue(x: torch.Tensor, prologue: str | None, pro_rows: tuple[int, ...] = ()
+                  ) -> None:
+    """Check a fused prologue: its name, and the row counts of its modulation operands in
+    kernel form (:func:`modulation_operand`), which must divide x's rows."""
+    if prologue is not None and prologue not in PROLOGUES:
+        raise ValueError(f"prologue {prologue!r} not in {(None, *PROLOGUES)}")
+    m = x.numel() // max(x.shape[-1], 1) if x.ndim else 0
+    if any(r < 1 or m % r for r in pro_rows):
+        raise Unsupported(f"modulation rows {pro_rows} do not divide the {m} rows of x")
+
+
 def plan_quantize(
     x: torch.Tensor,
     perm: torch.Tensor | None,
@@ -110,22 +145,23 @@ def plan_quantize(
     container: str,
     prologue: str | None,
     lzs_group: int,
+    pro_rows: tuple[int, ...] = (),
 ) -> RowPlan:
-    """:func:`plan_rows` plus the quantizer's own checks (clip, container, prologue, LZS):
+    """:func:`plan_rows` plus the quantizer's own checks (clip, container, prologue, LZS,
+    ``pro_rows``: the row counts of the modulation operands in kernel form):
     every reason the activation-quantize kernel refuses a call, asked without launching.
     Raises ValueError for an argument no call may have, :class:`Unsupported` otherwise."""
     if not 0.0 < clip <= 1.0:
         raise ValueError(f"clip ratio must be in (0, 1], got {clip}")
     if container not in CONTAINERS:
         raise ValueError(f"container {container!r} not in {CONTAINERS}")
-    if prologue is not None and prologue not in PROLOGUES:
-        raise ValueError(f"prologue {prologue!r} not in {(None, *PROLOGUES)}")
     if container == "fp8" and bits != 4:
         raise Unsupported(f"fp8 container holds 4-bit values exactly, not {bits}-bit")
     if lzs_group:
         if bits != 8 or group or lzs_group not in LZS_GROUPS or x.shape[-1] % lzs_group:
             raise Unsupported(f"LZS group {lzs_group} needs 8-bit per-token codes and a "
                               f"group in {LZS_GROUPS} dividing K={x.shape[-1]}")
+    plan_prologue(x, prologue, pro_rows)
     plan = plan_rows(x, perm, smooth, rot, bits, group)
     if lzs_group and plan.block_k % lzs_group:
         raise Unsupported(f"K tile {plan.block_k} does not hold whole LZS groups")

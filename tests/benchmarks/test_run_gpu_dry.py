@@ -30,6 +30,8 @@ def test_run_gpu_dry_run_writes_every_stage(tmp_path) -> None:
     assert errs and all(isinstance(e, float) and e < 1e-2 for e in errs.values()), errs
     act = json.loads((tmp_path / "act_quant_dry-run.json").read_text())
     assert not [r for r in act["rows"] if "error" in r], act["rows"]
+    (fused,) = [r for r in act["rows"] if r["variant"].endswith("LayerNorm + adaLN, fused")]
+    assert fused["byte_mismatch_vs_ref"] <= 0.01 and fused["speedup_vs_unfused"] > 0
     e2e = json.loads((tmp_path / "e2e_dry-run.json").read_text())
     rows = {r["method"]: r for r in e2e["rows"]}
     assert "bf16 eager" in rows and not [r for r in e2e["rows"] if "error" in r], e2e["rows"]

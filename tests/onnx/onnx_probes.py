@@ -22,7 +22,12 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from clq_compile.lowering.onnx import ort_feeds, ort_session
-from clq_compile.ops import apply_prologue, quant_linear_reference, transform_reference
+from clq_compile.ops import (
+    DEFAULT_NORM_EPS,
+    apply_prologue,
+    quant_linear_reference,
+    transform_reference,
+)
 from clq_compile.quant import quantize_with_scale, symmetric_scale
 
 QUANT_LINEAR = torch.ops.clq.quant_linear.default
@@ -124,8 +129,8 @@ def hooked(gm: fx.GraphModule, hook: Callable[..., torch.Tensor]) -> fx.GraphMod
 
 
 def _bind(hook: Callable[..., torch.Tensor], node: fx.Node) -> Callable[..., torch.Tensor]:
-    def call(*args: Any) -> torch.Tensor:
-        return hook(node, *args)
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return hook(node, *args, **kwargs)
 
     call.__name__ = f"probe_{node.name}"
     return call
@@ -170,9 +175,11 @@ def _first_inputs(qm: Any, args: tuple, kwargs: dict,
     seen: dict[tuple, torch.Tensor] = {}
 
     def hook(node: fx.Node, x: torch.Tensor, w_q, w_scale, bias, w_bits, a_bits, a_group,
-             a_clip, perm=None, smooth=None, rot=None, prologue=None) -> torch.Tensor:
+             a_clip, perm=None, smooth=None, rot=None, prologue=None, *, pro_mul=None,
+             pro_add=None, norm_eps=DEFAULT_NORM_EPS) -> torch.Tensor:
         # the quantizer's input: after the prologue and transform the op may hold
-        x = transform_reference(apply_prologue(x, prologue), perm, smooth, rot)
+        x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
+        x = transform_reference(x, perm, smooth, rot)
         if a_bits >= 16:
             return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)
         seen.setdefault(act_key(node), x.detach().float())

@@ -80,7 +80,9 @@ def _interpret_inputs(qm, names, calls):
             out = super().run_node(n)
             if n.target != torch.ops.clq.quant_linear.default:
                 return out
-            x = apply_prologue(self.env[n.args[0]], (*n.args[11:], None)[0])
+            kw = {k: self.env[v] if isinstance(v, torch.fx.Node) else v
+                  for k, v in n.kwargs.items() if k in ("pro_mul", "pro_add", "norm_eps")}
+            x = apply_prologue(self.env[n.args[0]], (*n.args[11:], None)[0], **kw)
             if len(n.args) > 8:
                 x = transform_reference(x, *(None if a is None else self.env[a]
                                              for a in n.args[8:11]))

@@ -57,6 +57,8 @@ def test_shared_graph_is_bit_identical_with_fewer_quantizers(factory, recipe, bi
     # the MLPs' GELUs moved into their down-projections' quantizers
     assert sum(q.args[11:] in (("gelu",), ("gelu_tanh",)) for q in q_nodes) > 0
     assert not any(gelu_kind(q.args[0]) for q in q_nodes)
+    # and each block's norms with their adaLN modulation into q/k/v's and the MLP's
+    assert sum(q.args[11:] == ("layer_norm",) for q in q_nodes) >= 2 * len(model.transformer_blocks)
 
 
 def test_qkv_of_a_block_become_one_node_with_its_transform():
@@ -68,7 +70,9 @@ def test_qkv_of_a_block_become_one_node_with_its_transform():
     assert node.args[1].op == "get_attr"  # the concatenated packed weight is a constant
     w_q = shared.get_buffer(node.args[1].target)
     assert w_q.shape[0] == sum(model.transformer_blocks[0].attn1.to_q.weight.shape[:1] * 3)
-    assert len(node.args) == 11 and node.args[10] is not None  # the rotation is fused in
+    assert node.args[10] is not None  # the rotation is fused in
+    assert node.args[11:] == ("layer_norm",)  # and so are norm1 and the adaLN modulation
+    assert node.args[0].op == "placeholder" or "layer_norm" not in str(node.args[0].target)
 
 
 def test_different_clips_decline_and_keep_the_transform_node():

@@ -16,8 +16,9 @@ import torch
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton.act_quant import rotate_quantize, transform
 from clq_compile.lowering.triton.reference import activation_ints, rotate_quantize_reference
-from clq_compile.lowering.triton.support import Unsupported
+from clq_compile.lowering.triton.support import Unsupported, modulation_operand
 from clq_compile.ops import transform_reference
+from clq_compile.qlinear import sqnr
 from clq_compile.testing import lzs_threshold_row
 from tests.triton.helpers import (
     U32,
@@ -202,6 +203,106 @@ def test_prologue_gelu(kind, dt, rot_b, device) -> None:
     diff = (a.int() - a_ref.int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.005, \
         f"{int((diff > 0).sum())} of {diff.numel()} codes differ"
+
+
+def _modulation(shape: tuple[int, ...], dtype: torch.dtype, seed: int, offset: float = 0.0
+                ) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.5 + offset).to(dtype)
+
+
+# (B, T, K, dtype, modulation shape (None: that operand absent), bits, group, perm and
+# H64, container): per sample (adaLN), per token, one row for all; K=96 ends on a part
+# tile (64 wide); mul only and add only; 8-bit groups; the fp8 and int8 containers.
+_NORM_CASES = [
+    (2, 9, 96, "fp32", (2, 1, 96), (2, 1, 96), 4, 0, False, "packed"),
+    (3, 7, 128, "bf16", (3, 1, 128), (3, 1, 128), 4, 0, True, "packed"),
+    (2, 5, 128, "fp16", (2, 5, 128), None, 8, 32, False, "packed"),
+    (1, 17, 64, "bf16", None, (64,), 8, 0, True, "int8"),
+    (2, 8, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "fp8"),
+    (2, 3, 64, "fp32", None, None, 4, 0, False, "packed"),
+]
+
+
+@pytest.mark.parametrize(("b", "t", "k", "dt", "mul", "add", "bits", "group", "rot", "box"),
+                         _NORM_CASES)
+def test_prologue_layer_norm(b, t, k, dt, mul, add, bits, group, rot, box, device) -> None:
+    """LayerNorm + adaLN modulation fused in front of the quantizer. The kernel's row
+    statistics are a tiled fp32 reduction, torch's another order: the normalized values
+    are a few fp32 ulps apart before rounding to x's dtype, so, as for GELU, at most 0.5%
+    of the codes may differ, each by 1, and each scale within 2 ulps of x's dtype (64 fp32
+    ulps for fp32 x: no rounding to a coarser dtype absorbs the statistics' error). Rows
+    carry a mean of 30 against a spread of 1, where a one-pass E[x²] − mean² would lose
+    the variance."""
+    dtype = _DT[dt]
+    x = (random_activation(b * t, k, torch.float32, seed=5) + 30.0).to(dtype).reshape(b, t, k)
+    pro_mul = None if mul is None else _modulation(mul, dtype, 1, offset=1.0)
+    pro_add = None if add is None else _modulation(add, dtype, 2)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(3)) if rot else None
+    h = hadamard(64) if rot else None
+    kernel_form = [_dev(modulation_operand(o, x.shape, dtype), device) for o in (pro_mul, pro_add)]
+    q, s = rotate_quantize(x.to(device), _dev(perm, device), None, _dev(h, device), bits,
+                           group, 1.0, container=box, prologue="layer_norm",
+                           pro_mul=kernel_form[0], pro_add=kernel_form[1], norm_eps=1e-6)
+    q_ref, s_ref = rotate_quantize_reference(x, perm, None, h, bits, group, 1.0,
+                                             prologue="layer_norm", pro_mul=pro_mul,
+                                             pro_add=pro_add, norm_eps=1e-6)
+    ulps = 64 if dtype == torch.float32 else 2
+    assert_within(s.reshape(s_ref.shape), s_ref, ulps * ulp_bound(dtype, s_ref), "scales")
+    if box == "fp8":
+        a = q.cpu().float().to(torch.int8)
+    else:
+        a = activation_ints(q.cpu(), bits if box == "packed" else 8)
+    a_ref = activation_ints(q_ref, bits)
+    diff = (a.int() - a_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.005, \
+        f"{int((diff > 0).sum())} of {diff.numel()} codes differ"
+
+
+@pytest.mark.parametrize(("dt", "floor"), [("fp32", 110.0), ("bf16", 40.0)])
+def test_transform_with_norm_prologue(dt, floor, device) -> None:
+    """clq::transform holding LayerNorm + adaLN (the input of q/k/v that CLPS gave their
+    own clips): the row kernel in transform-only mode. Its row statistics differ from
+    torch's in summation order, so a normalized value may round to the neighbouring
+    value of x's dtype before the rotation mixes 64 of them: an SQNR floor (one bf16
+    step on a few values stays above 40 dB; measured here: fp32 135 dB, bf16 exact), far
+    above a wrong prologue (no modulation 6.8 dB, another sample's row 1.6 dB, no norm
+    1.1 dB against the reference)."""
+    dtype = _DT[dt]
+    b, t, k = 3, 7, 128
+    x = (random_activation(b * t, k, torch.float32, seed=8) + 3.0).to(dtype).reshape(b, t, k)
+    mul, add = (_modulation((b, 1, k), dtype, s, offset=o) for s, o in ((1, 1.0), (2, 0.0)))
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(6))
+    h = hadamard(64)
+    rows = [_dev(modulation_operand(o, x.shape, dtype), device) for o in (mul, add)]
+    y = transform(x.to(device), _dev(perm, device), None, _dev(h, device),
+                  prologue="layer_norm", pro_mul=rows[0], pro_add=rows[1], norm_eps=1e-6)
+    ref = transform_reference(x, perm, None, h, "layer_norm", mul, add, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert sqnr(y.cpu().float(), ref.float()) > floor
+
+
+def test_layer_norm_rows_past_k_stay_out_of_the_absmax(device) -> None:
+    """K=80 is not a multiple of the K tile (64 here, 128 on a GPU): the last tile's 48
+    padding columns load as 0, which the norm maps to −mean·rstd. Rows with mean 30 and
+    spread 1 put that at about −30, ten times the real values' absmax: left unmasked it
+    would set every row's scale."""
+    x = random_activation(6, 80, torch.float32, seed=2, outliers=False) + 30.0
+    q, s = rotate_quantize(x.to(device), None, None, None, 8, 0, 1.0, prologue="layer_norm")
+    q_ref, s_ref = rotate_quantize_reference(x, None, None, None, 8, 0, 1.0,
+                                             prologue="layer_norm")
+    assert_within(s, s_ref, 64 * ulp_bound(torch.float32, s_ref), "scales")
+    assert (q.cpu().int() - q_ref.int()).abs().max() <= 1
+
+
+def test_modulation_operand_refuses_other_broadcasts() -> None:
+    x = torch.empty(2, 5, 8)
+    assert modulation_operand(torch.ones(2, 1, 8), x.shape, x.dtype).shape == (2, 8)
+    assert modulation_operand(torch.ones(8), x.shape, x.dtype).shape == (1, 8)
+    for bad, why in ((torch.ones(1, 5, 8), "per sample or token"),
+                     (torch.ones(2, 1, 8, dtype=torch.bfloat16), "bfloat16")):
+        with pytest.raises(Unsupported, match=why):
+            modulation_operand(bad, x.shape, x.dtype)
 
 
 @pytest.mark.parametrize(("m", "k", "dt", "lzs_group", "clip", "b"), [

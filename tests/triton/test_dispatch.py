@@ -160,6 +160,22 @@ def test_quant_linear_with_fused_transform(a_bits, a_group, route, b, device, ca
     assert_within(y.cpu(), y_ref, bound, "quant_linear with transform")
 
 
+def test_modulation_per_frame_falls_back_with_the_reason(device, caplog) -> None:
+    """A modulation operand shaped (1, T, K) against x (B, T, K) is neither per sample nor
+    per token: the kernels decline it (their rows index one operand row per run of x's
+    rows); the reference runs, exactly, and says why."""
+    k, n = 64, 16
+    x = random_activation(2 * 5, k, torch.float32, seed=3).reshape(2, 5, k)
+    mul = torch.randn(1, 5, k, generator=torch.Generator().manual_seed(4))
+    w_q, w_s = quantize_weight(torch.randn(n, k), 4)
+    args = (x.to(device), w_q.to(device), w_s.to(device), None, 4, 4, 0, 1.0, None, None,
+            None, "layer_norm")
+    with caplog.at_level(logging.WARNING, logger=_LOGGER):
+        y = dispatch.quant_linear_triton(*args, pro_mul=mul.to(device))
+    assert "is not one row per sample or token" in caplog.text
+    assert_equal(y, quant_linear_reference(*args, pro_mul=mul.to(device)).cpu(), "fallback")
+
+
 @pytest.mark.parametrize("route", [None, "int8", "fp8"])
 def test_quant_linear_with_gelu_prologue(route, device, caplog) -> None:
     """GELU + transform + quantize in one kernel, then the route's GEMM. Triton's and

@@ -18,7 +18,7 @@ from clq_compile.lowering.triton import dispatch
 from clq_compile.lowering.triton.lower import LowerToKernels, lowered_ops
 from clq_compile.qlinear import sqnr
 from clq_compile.quant import quantize_weight
-from clq_compile.testing import orthogonal_blocks
+from clq_compile.testing import orthogonal_blocks, recording_backend
 from clq_compile.twinlog import twinlog_weight
 from tests.triton.conftest import ON_GPU
 from tests.triton.helpers import assert_equal, integer_activation, random_activation
@@ -95,21 +95,77 @@ def test_lowered_layer_equals_the_eager_dispatch(w_bits, a_bits, a_group, w_grou
         assert tuple(tile.shape) == (16, 16) and node.args[7] == b // 16
 
 
-def test_lowered_transform_equals_the_eager_dispatch(device) -> None:
+@pytest.mark.parametrize(("a_bits", "dtype", "cap"), [(4, torch.float32, None),
+                                                     (4, torch.bfloat16, (9, 0)),
+                                                     (16, torch.float32, None)])
+def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, device) -> None:
+    """LayerNorm + adaLN modulation fused in (``FusePrologues``), the modulation operands
+    arriving as graph inputs per sample: the lowered op passes them through and gives
+    the eager dispatch's output exactly, and the reference's within fp32 rounding (the
+    kernel's row statistics are another summation order: an SQNR floor, not equality)."""
+    b, t, k, n = 2, 5, 128, 48
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(b, t, k, generator=g) * 2 + 4).to(dtype).to(device)
+    mul, add = ((torch.randn(b, 1, k, generator=g) * 0.3 + o).to(dtype).to(device)
+                for o in (1.0, 0.0))
+    w_q, w_s = quantize_weight(torch.randn(n, k, generator=g), 4)
+
+    class Norm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, v in (("w_q", w_q), ("w_s", w_s), ("rot", hadamard(64))):
+                self.register_buffer(name, v)
+
+        def forward(self, x, mul, add):
+            return torch.ops.clq.quant_linear.default(
+                x, self.w_q, self.w_s, None, 4, a_bits, 0, 1.0, None, None, self.rot,
+                "layer_norm", pro_mul=mul, pro_add=add, norm_eps=1e-6)
+
+    layer = Norm().to(device)
+    gm = fx.symbolic_trace(layer)
+    lowering = LowerToKernels([x, mul, add], cap)
+    gm = lowering(gm).gm
+    assert lowered_ops(gm) == {"clq_triton.quant_linear.default": 1}, lowering.declined
+    expected = dispatch.quant_linear_triton(x, layer.w_q, layer.w_s, None, 4, a_bits, 0, 1.0,
+                                            None, None, layer.rot, "layer_norm",
+                                            pro_mul=mul, pro_add=add, norm_eps=1e-6,
+                                            route=dispatch.plan_linear(
+                                                x, w_q, w_s, 4, a_bits, 0, 1.0,
+                                                capability=cap).route)
+    y = gm(x, mul, add)
+    assert_equal(y.cpu(), expected.cpu(), "lowered norm prologue")
+    reference = layer.cpu()(x.cpu(), mul.cpu(), add.cpu())  # the op's CPU reference
+    # Measured 131-134 dB (inf on the fp8 route): on these inputs no code flips, so
+    # what remains is fp32 rounding; one flipped 4-bit code would cost far more.
+    assert sqnr(y.cpu().float(), reference.float()) > 100.0
+
+
+@pytest.mark.parametrize("prologue", [None, "layer_norm"])
+def test_lowered_transform_equals_the_eager_dispatch(prologue, device) -> None:
+    """With the norm + adaLN prologue too (the transform CLPS's separate q/k/v clips keep
+    in front of three quantizers), its operands per sample as buffers."""
+    x = (random_activation(10, 128, torch.float32, seed=1) + 2).reshape(2, 5, 128).to(device)
+    g = torch.Generator().manual_seed(2)
+    mul, add = (torch.randn(2, 1, 128, generator=g) * 0.3 + o for o in (1.0, 0.0))
+    mods = {} if prologue is None else {"pro_mul": mul, "pro_add": add}
+
     class T(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.register_buffer("rot", hadamard(64))
+            for name, v in mods.items():
+                self.register_buffer(name, v)
 
         def forward(self, x):
-            return torch.ops.clq.transform.default(x, None, None, self.rot) * 2
+            kw = {name: getattr(self, name) for name in mods}
+            return torch.ops.clq.transform.default(x, None, None, self.rot, prologue, **kw) * 2
 
-    x = random_activation(5, 128, torch.float32, seed=1).to(device)
     t = T().to(device)
     gm, lowering = _lower(t, x, None)
-    assert lowered_ops(gm) == {"clq_triton.transform.default": 1}
-    assert_equal(gm(x).cpu(), 2 * dispatch.transform_triton(x, None, None, t.rot).cpu(),
-                 "lowered transform")
+    assert lowered_ops(gm) == {"clq_triton.transform.default": 1}, lowering.declined
+    kw = {name: getattr(t, name) for name in mods}
+    assert_equal(gm(x).cpu(), 2 * dispatch.transform_triton(x, None, None, t.rot, prologue,
+                                                            **kw).cpu(), "lowered transform")
 
 
 def _declined_cases():
@@ -161,12 +217,8 @@ def test_backend_lowers_every_layer_and_matches_the_extern_ops(device):
 
     model, inputs = tiny_pixart()
     model, x = _on(device, model, inputs(2))
-    outs, runs = {}, []
-    import clq_compile.backend as be
-
-    def keep(gm, example_inputs, **kw):
-        runs.append(be.clq_backend(gm, example_inputs, **kw))
-        return runs[-1]
+    outs = {}
+    runs, keep = recording_backend()
 
     for kernels in (False, True):
         torch._dynamo.reset()
@@ -175,7 +227,7 @@ def test_backend_lowers_every_layer_and_matches_the_extern_ops(device):
                 "recipe": "quarot", "bits": "w4a4", "inductor": False,
                 "kernels": kernels})(**x)[0]
     torch._dynamo.reset()
-    lowered = runs[1].lowered
+    lowered = runs[1][0].lowered
     assert lowered_ops(lowered) == {"clq_triton.quant_linear.default": 13}
     assert sqnr(outs[False], outs[True]) > 80.0
     assert not torch.equal(outs[False], outs[True])  # the kernels did run
@@ -192,11 +244,7 @@ def test_runtime_weights_are_unpacked_outside_the_graph_and_follow_updates(devic
 
     model, inputs = tiny_pixart()
     model, x = _on(device, model, inputs(2))
-    runs = []
-
-    def keep(gm, example_inputs, **kw):
-        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
-        return runs[-1][0]
+    runs, keep = recording_backend()
 
     torch._dynamo.reset()
     with torch.no_grad():

@@ -27,7 +27,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa
 import clq_compile as clq  # noqa: E402
 import clq_compile.backend as be  # noqa: E402
 from clq_compile.lowering.triton import dispatch  # noqa: E402
-from clq_compile.testing import tiny_pixart  # noqa: E402
+from clq_compile.testing import recording_backend, tiny_pixart  # noqa: E402
 
 
 class _Captured(Exception):
@@ -56,12 +56,7 @@ def main() -> None:
     model = model.to(torch.bfloat16)
     x = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point()
          else v for k, v in inputs(2).items()}
-    runs = []
-
-    def keep(gm, example_inputs, **kw):
-        runs.append((be.clq_backend(gm, example_inputs, **kw), example_inputs))
-        return runs[-1][0]
-
+    runs, keep = recording_backend()
     with torch.no_grad():
         torch.compile(model, backend=keep, fullgraph=True, options={
             "recipe": "quarot", "bits": "w4a4", "inductor": False, "kernels": False})(**x)
