@@ -7,8 +7,11 @@ hidden 1152 = 16 heads × 72, MLP 4608, 128×128 latent with patch 2 = 4096 imag
 - bf16 eager (also replayed as a CUDA graph), bf16 ``torch.compile``;
 - W4A4 via ``clq_compile.quantize(model, calib, recipe=..., bits="w4a4")`` for rtn,
   quarot and clq (transforms included), whose graphs hold ``torch.ops.clq`` nodes served
-  by the Triton kernels on CUDA, eager and as a CUDA graph (launch overhead removed);
-  rtn also under ``torch.compile``; the top kernels of each by device time (profiler).
+  by the Triton kernels on CUDA, eager and as a CUDA graph (launch overhead removed),
+  the top kernels of each by device time (profiler); last (so that a stage time limit
+  cuts only them), the ``--compile-method`` model (default clq: the issue's goal row)
+  under ``torch.compile`` (its ops lowered to the kernels, compiled by Inductor) and the
+  ``clq`` backend (rtn, Inductor, reduce-overhead).
 
 Per row: median latency, speed vs bf16 eager, weight bytes, peak memory of a forward,
 and the output SQNR vs bf16 eager (a sanity check on random weights, not a quality
@@ -179,6 +182,24 @@ def _with_graph(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any], re
     rows.append(measure(f"{name} + CUDA graph", graphed, ref, rep_ms, dict(extra)))
 
 
+def _compiled_rows(rows: list[dict], model: torch.nn.Module, inputs: dict, ref: Any,
+                   rep_ms: int, label: str, qm: Any, extra: dict) -> None:
+    """torch.compile of the quantized model (kernels lowered, Inductor), then the
+    backend path (Inductor around the clq ops, CUDA graphs, packing per call)."""
+    for method, make in ((f"{label} + torch.compile", lambda: torch.compile(qm)),
+                         ("clq backend W4A4 rtn (Inductor, reduce-overhead)",
+                          lambda: torch.compile(model, backend="clq", fullgraph=True, options={
+                              "recipe": "rtn", "bits": "w4a4", "mode": "reduce-overhead"}))):
+        try:
+            fn = make()
+            rows.append(measure(method, lambda fn=fn: fn(**inputs), ref, rep_ms,
+                                dict(extra) if "torch.compile" in method else {}))
+        except Exception as e:
+            rows.append({"method": method, "error": repr(e)[:500]})
+        write_results("e2e", [{k: v for k, v in r.items() if k != "_out"} for r in rows],
+                      {}, partial=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2)
@@ -187,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS])
     p.add_argument("--skip-clq-compile", action="store_true",
                    help="skip torch.compile of the quantized model (bf16 compile still runs)")
+    p.add_argument("--compile-method", default=METHODS[-1][0],
+                   choices=[m[0] for m in METHODS],
+                   help="the quantized model also run under torch.compile")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing check: tiny PixArt, interpreter, no compile/graphs")
     args = p.parse_args(argv)
@@ -213,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                             dict(bf16)))
 
     profiles: dict[str, Any] = {}
+    to_compile = None
     calib = [make_inputs(dev, args.batch, seed=s, config=config) for s in (1, 2)]
     for name, recipe, options in METHODS:
         if name not in args.methods:
@@ -245,19 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             profiles[label] = repr(e)[:300]
         write_results("e2e", [{k: v for k, v in r.items() if k != "_out"} for r in rows],
                       {"top_kernels": profiles}, partial=True)
-        if name == "rtn" and not args.skip_compile and not args.skip_clq_compile:
-            cq = torch.compile(qm)
-            rows.append(measure(f"{label} + torch.compile", lambda cq=cq: cq(**inputs), ref,
-                                args.rep_ms, dict(extra)))
-            # The backend path: Inductor around the clq ops, CUDA graphs, packing per call.
-            cb = torch.compile(model, backend="clq", fullgraph=True, options={
-                "recipe": "rtn", "bits": "w4a4", "mode": "reduce-overhead"})
-            try:
-                rows.append(measure("clq backend W4A4 rtn (Inductor, reduce-overhead)",
-                                    lambda cb=cb: cb(**inputs), ref, args.rep_ms, {}))
-            except Exception as e:
-                rows.append({"method": "clq backend W4A4 rtn", "error": repr(e)[:500]})
+        if name == args.compile_method:
+            to_compile = (label, qm, extra)
         del qm
+    if to_compile is not None and not args.skip_compile and not args.skip_clq_compile:
+        _compiled_rows(rows, model, inputs, ref, args.rep_ms, *to_compile)
 
     base = rows[0].get("ms")
     for r in rows:
