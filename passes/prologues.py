@@ -2,18 +2,17 @@
 into the input transform in front of several quantizers (CLPS gave q, k, v their own).
 
 Each rule is data: it looks at a ``quant_linear``'s or ``transform``'s input node and
-returns a
-:class:`Fusion` (what the op computes instead, and which nodes it replaces), a string
-saying why it declines a match, or None when its pattern is not there. A fused node's
-output is never written to memory: the kernel reads the producer's input and computes it
-in registers (``clq_compile.ops.apply_prologue`` is the reference).
+returns a :class:`Fusion` (what the op computes instead, and which nodes it replaces), a
+string saying why it declines a match, or None when its pattern is not there. A fused
+node's output is never written to memory: the kernel reads the producer's input and
+computes it in registers (``clq_compile.ops.apply_prologue`` is the reference).
 
 - GELU (an MLP's down-projection input, its widest tensor), through eval-mode dropouts.
 - LayerNorm without affine parameters, then adaLN modulation ``* (1 + scale) + shift``
-  (either step optional): the input of q/k/v and of an MLP in every DiT/PixArt/SD3/Flux
-  block. The modulation operands must be in x's dtype (no type promotion: the kernel
-  computes in x's dtype) and broadcast per sample or per token
-  (``ops.modulation_rows``).
+  (either step optional), through casts that change nothing: the input of q/k/v and of
+  an MLP in every DiT/PixArt/SD3/Flux/Wan block. The modulation operands must be in x's
+  dtype (no type promotion: the kernel computes in x's dtype) and broadcast per sample
+  or per token (``ops.modulation_rows``).
 """
 
 from __future__ import annotations

@@ -73,7 +73,10 @@ def lzs_model():
 def test_graph_plan_and_inspect_carry_the_format(lzs_model) -> None:
     model, inputs, qm, base = lzs_model
     nodes = quant_linear_nodes(qm.graph_module)
-    assert nodes and all(n.kwargs == {"a_format": "lzs"} for n in nodes)
+    formats = [{k: v for k, v in n.kwargs.items() if k.endswith("_format")} for n in nodes]
+    assert nodes and all(f == {"a_format": "lzs"} for f in formats)
+    # the norms with their modulation moved in (kwargs beside the format)
+    assert any("pro_mul" in n.kwargs for n in nodes)
     # siblings (q, k, v) still share one quantizer, as without LZS
     assert len(nodes) == len(quant_linear_nodes(base.graph_module))
     specs = {lp.spec for lp in qm.plan.layers.values() if lp.quantized}
