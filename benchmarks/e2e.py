@@ -86,14 +86,6 @@ def _state_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _clq_nodes(qm: Any) -> int:
-    gm = getattr(qm, "graph_module", None)
-    if gm is None:
-        return 0
-    return sum(1 for n in gm.graph.nodes
-               if n.op == "call_function" and str(n.target).startswith("clq."))
-
-
 def measure(name: str, fn: Callable[[], Any], ref: torch.Tensor | None, rep_ms: int,
             extra: dict[str, Any]) -> dict[str, Any]:
     """Latency, peak memory and SQNR of one method; an exception becomes the row's error."""
@@ -223,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     dispatch.register()
     import clq_compile as clq
     from clq_compile.lowering.triton import routes
+    from clq_compile.lowering.triton.lower import lowered_ops
 
     model = build_model(dev, config)
     inputs = make_inputs(dev, args.batch, config=config)
@@ -253,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.dry_run:
             qm.lower(None)  # what a model on a GPU does by itself (here: interpreter)
-        extra = {"quantize_s": time.perf_counter() - t0, "clq_nodes": _clq_nodes(qm),
+        extra = {"quantize_s": time.perf_counter() - t0,
+                 # quant_linear / transform nodes of the graph (fewer: shared, fused)
+                 "clq_nodes": lowered_ops(qm.graph_module),
                  # calls a GPU model left as clq ops (not lowered to the kernels), with why
                  "not_lowered": dict(getattr(qm, "declined", {})),
                  "weight_mib": (qm.weight_bytes() if hasattr(qm, "weight_bytes")
