@@ -10,6 +10,7 @@ from clq_compile.errors import ConfigError
 from clq_compile.lowering.triton.lower import lowered_ops
 from clq_compile.lowrank import storage_dtype
 from clq_compile.model import QuantizedModel
+from clq_compile.passes.prologues import fused_prologues
 from clq_compile.passes.rewrite import quant_linear_nodes
 from clq_compile.plan import LayerPlan, Plan
 
@@ -81,6 +82,10 @@ def summary(qm: Any) -> str:
     if gemms:
         line += (f"; run as {len(gemms)} quantized GEMMs, "
                  f"{sum(n.args[5] < 16 for n in gemms)} activation quantizers")
+    fused = fused_prologues(qm.graph_module)
+    if fused:
+        line += ("; producers fused into their quantizers: " +
+                 ", ".join(f"{k} {v}" for k, v in sorted(fused.items())))
     lowered = getattr(qm, "lowered", [None])[0]
     if lowered is not None:
         kernels = lowered_ops(lowered).get("clq_triton.quant_linear.default", 0)

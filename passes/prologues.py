@@ -212,3 +212,15 @@ class FusePrologues(GraphPass):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, modified)
+
+
+def fused_prologues(gm: fx.GraphModule) -> dict[str, int]:
+    """How many quant_linear / transform nodes compute each prologue (``inspect``)."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _SLOTS:
+            _, slot = _SLOTS[n.target]
+            name = n.args[slot] if len(n.args) > slot else n.kwargs.get("prologue")
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -28,3 +28,7 @@ def test_inspect_rows_and_summary():
     gemms = quant_linear_nodes(qm.graph_module)
     assert f"run as {len(gemms)} quantized GEMMs, {len(gemms)} activation quantizers" \
         in lines[-1] and len(gemms) < n_q
+    # each block's norm1 (into q/k/v's shared transform or quantizer), norm2 and GELU
+    blocks = len(model.transformer_blocks)
+    assert (f"producers fused into their quantizers: gelu_tanh {blocks}, "
+            f"layer_norm {2 * blocks}") in lines[-1]
