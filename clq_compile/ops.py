@@ -30,24 +30,29 @@ DEFAULT_NORM_EPS = 1e-5  # torch.nn.LayerNorm's
 
 
 def apply_prologue(x: Tensor, prologue: str | None, pro_mul: Tensor | None = None,
-                   pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
+                   pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS,
+                   pro_fp32: bool = False) -> Tensor:
     """``prologue``, then ``* pro_mul``, then ``+ pro_add`` (adaLN's ``1 + scale`` and
-    ``shift``), each in x's dtype, as the unfused graph computes them."""
+    ``shift``), each in x's dtype, as the unfused graph computes them; with ``pro_fp32``
+    each in float32 (operands float32) and the result cast to x's dtype once, as Wan's
+    ``(norm(x.float()) * (1 + scale) + shift).type_as(x)``."""
+    dtype = torch.float32 if pro_fp32 else x.dtype
     for name, t in (("pro_mul", pro_mul), ("pro_add", pro_add)):
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name} is {t.dtype}, x is {x.dtype}: the fused prologue "
-                             "computes in x's dtype (no type promotion)")
+        if t is not None and t.dtype != dtype:
+            raise ValueError(f"{name} is {t.dtype}, the prologue computes in {dtype} (no "
+                             "type promotion; pro_fp32 selects float32)")
+    y = x.float() if pro_fp32 else x
     if prologue in GELU_PROLOGUES:
-        x = torch.nn.functional.gelu(x, approximate=GELU_PROLOGUES[prologue])
+        y = torch.nn.functional.gelu(y, approximate=GELU_PROLOGUES[prologue])
     elif prologue == "layer_norm":
-        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=norm_eps)
+        y = torch.nn.functional.layer_norm(y, (y.shape[-1],), eps=norm_eps)
     elif prologue is not None:
         raise ValueError(f"prologue {prologue!r} not in {(None, *PROLOGUES)}")
     if pro_mul is not None:
-        x = x * pro_mul
+        y = y * pro_mul
     if pro_add is not None:
-        x = x + pro_add
-    return x
+        y = y + pro_add
+    return y.to(x.dtype)
 
 
 def modulation_rows(operand: Sequence[int], x: Sequence[int]) -> tuple[int, int] | None:
@@ -90,9 +95,9 @@ def unpack_weight(w_q: Tensor, w_bits: int) -> Tensor:
 def transform_reference(
     x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
     prologue: str | None = None, pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
-    norm_eps: float = DEFAULT_NORM_EPS,
+    norm_eps: float = DEFAULT_NORM_EPS, pro_fp32: bool = False,
 ) -> Tensor:
-    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
+    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32)
     y = x.to(torch.float32, copy=True)  # never alias the input (custom-op rule)
     if perm is not None:
         y = y.index_select(-1, perm)
@@ -106,7 +111,8 @@ def transform_reference(
 @torch.library.custom_op("clq::transform", mutates_args=())
 def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
               prologue: str | None = None, pro_mul: Tensor | None = None,
-              pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
+              pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS,
+              pro_fp32: bool = False) -> Tensor:
     """Online input transform x ↦ ((x[..., perm] * smooth) · blockdiag(rot)).
 
     ``perm`` is an int64 channel order, ``smooth`` a per-channel float scale (in permuted
@@ -115,13 +121,14 @@ def transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor
     Any of them may be None. ``prologue``, ``pro_mul``, ``pro_add``, ``norm_eps``: the op
     that produced x, applied first (:func:`apply_prologue`; see ``quant_linear``).
     """
-    return transform_reference(x, perm, smooth, rot, prologue, pro_mul, pro_add, norm_eps)
+    return transform_reference(x, perm, smooth, rot, prologue, pro_mul, pro_add, norm_eps,
+                               pro_fp32)
 
 
 @transform.register_fake
 def _(x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
       prologue: str | None = None, pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
-      norm_eps: float = DEFAULT_NORM_EPS) -> Tensor:
+      norm_eps: float = DEFAULT_NORM_EPS, pro_fp32: bool = False) -> Tensor:
     return torch.empty_like(x)
 
 
@@ -144,8 +151,9 @@ def quant_linear_reference(
     pro_mul: Tensor | None = None,
     pro_add: Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> Tensor:
-    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
+    x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32)
     if perm is not None or smooth is not None or rot is not None:
         x = transform_reference(x, perm, smooth, rot)
     w = reference_weight(w_q, w_scale, w_bits, w_format, x.shape[-1])
@@ -209,6 +217,7 @@ def quant_linear(
     pro_mul: Tensor | None = None,
     pro_add: Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> Tensor:
     """y = Q_a(T(P(x))) · Q_w(W)ᵀ + b with a dynamically quantized activation.
 
@@ -224,7 +233,8 @@ def quant_linear(
     produced x, fused into its quantizer and applied first (:func:`apply_prologue`): the
     GELU before an MLP's down-projection, or the LayerNorm (eps ``norm_eps``) and adaLN
     modulation ``* (1 + scale) + shift`` before q/k/v or an MLP (``pro_mul``/``pro_add``
-    in x's dtype, broadcasting against x).
+    in x's dtype, broadcasting against x; ``pro_fp32``: all of it in float32, operands
+    float32, cast to x's dtype once).
     ``a_format`` "lzs": the activation is coded by QuaRTZ's leading-zero suppression
     (``clq_compile.lzs``, ``a_bits`` 4, ``a_group`` its group) instead of as integers.
     ``w_format`` "twinlog": ``w_q`` holds LRQ-DiT twin-log codes (less 8, packed int4)
@@ -235,7 +245,7 @@ def quant_linear(
     """
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
                                   perm, smooth, rot, prologue, a_format, w_format, a8_rows,
-                                  pro_mul, pro_add, norm_eps)
+                                  pro_mul, pro_add, norm_eps, pro_fp32)
 
 
 @quant_linear.register_fake
@@ -258,5 +268,6 @@ def _(
     pro_mul: Tensor | None = None,
     pro_add: Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> Tensor:
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

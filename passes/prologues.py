@@ -12,7 +12,8 @@ computes it in registers (``clq_compile.ops.apply_prologue`` is the reference).
   (either step optional), through casts that change nothing: the input of q/k/v and of
   an MLP in every DiT/PixArt/SD3/Flux/Wan block. The modulation operands must be in x's
   dtype (no type promotion: the kernel computes in x's dtype) and broadcast per sample
-  or per token (``ops.modulation_rows``).
+  or per token (``ops.modulation_rows``); a norm and modulation run in float32 on a
+  float32 copy of a bf16/fp16 x and cast back (Wan) fuse as such (``pro_fp32``).
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ _X = 0
 @dataclass(frozen=True)
 class Fusion:
     """A match: the quant_linear reads ``source`` and computes ``prologue`` with
-    ``kwargs`` (``pro_mul``, ``pro_add``, ``norm_eps``); ``chain`` (producer first) is
-    what that replaces."""
+    ``kwargs`` (``pro_mul``, ``pro_add``, ``norm_eps``, ``pro_fp32``); ``chain``
+    (producer first) is what that replaces."""
 
     source: fx.Node
     chain: tuple[fx.Node, ...]
     prologue: str | None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    dead: tuple[fx.Node, ...] = ()  # erased too once nothing else reads them
 
 
 Rule = Callable[[fx.Node], "Fusion | str | None"]
@@ -125,10 +127,8 @@ def _operand_reason(name: str, operand: Any, out: torch.Tensor) -> str | None:
 def norm_modulate_rule(x: fx.Node) -> Fusion | str | None:
     """LayerNorm (no affine), then ``* m`` and ``+ s``, each optional."""
     node, chain = _uncast(x)  # chain: what the fusion replaces, producer first
-    if isinstance(node, fx.Node) and is_cast(node) and isinstance(
-            norm_modulate_rule(node.args[0]), Fusion):
-        return (f"{node.name} casts the normalized tensor to another dtype (the norm runs "
-                "in higher precision than x; the kernel computes in x's dtype)")
+    if isinstance(node, fx.Node) and is_cast(node):
+        return _in_fp32(x, node, chain)
     kwargs: dict[str, Any] = {}
     for op, name, is_data in (("add", "pro_add", _is_scaled_norm), ("mul", "pro_mul", _is_norm)):
         step = _split(node, op, is_data)
@@ -157,6 +157,26 @@ def norm_modulate_rule(x: fx.Node) -> Fusion | str | None:
             return reason
     kwargs["norm_eps"] = float(args["eps"])
     return Fusion(args["input"], tuple(chain), "layer_norm", kwargs)
+
+
+def _in_fp32(x: fx.Node, cast: fx.Node, after: list[fx.Node]) -> Fusion | str | None:
+    """``(norm(x.float()) * m + s).to(x.dtype)`` (Wan's FP32LayerNorm in a bf16 model):
+    the rule on the cast's input, computed in float32 by the fused op (``pro_fp32``),
+    which reads x itself, not its float32 copy."""
+    inner = norm_modulate_rule(cast.args[0])
+    if not isinstance(inner, Fusion):
+        return inner
+    out, wide = val(x), val(cast.args[0])
+    src, inert = _uncast(inner.source)  # x.float(), then casts that change nothing
+    narrow = (val(src.args[0]) if isinstance(src, fx.Node) and is_cast(src) and
+              isinstance(src.args[0], fx.Node) else None)
+    if not (isinstance(out, torch.Tensor) and isinstance(wide, torch.Tensor) and
+            wide.dtype == torch.float32 and isinstance(narrow, torch.Tensor) and
+            (narrow.dtype, narrow.shape) == (out.dtype, out.shape)):
+        return (f"{cast.name} casts a normalized tensor that is not computed in float32 from "
+                "a float32 copy of x itself")
+    return Fusion(src.args[0], (*inner.chain, cast, *after), "layer_norm",
+                  {**inner.kwargs, "pro_fp32": True}, dead=(*reversed(inert), src))
 
 
 RULES: tuple[Rule, ...] = (gelu_rule, norm_modulate_rule)
@@ -203,7 +223,9 @@ class FusePrologues(GraphPass):
             kept = (*q.args[transform], None, None, None)[:3]
             q.args = (found.source, *q.args[1:transform.start], *kept, found.prologue)
             q.kwargs = {**q.kwargs, **found.kwargs}
-            for n in reversed(found.chain):
+            for n in (*reversed(found.chain), *found.dead):
+                if n in found.dead and data_users(n):
+                    continue
                 for check in set(n.users) - set(data_users(n)):
                     gm.graph.erase_node(check)
                 gm.graph.erase_node(n)

@@ -15,35 +15,40 @@ from .errors import OnnxExportError
 
 
 def apply_prologue(x: ir.Value, prologue: str | None, pro_mul: ir.Value | None,
-                   pro_add: ir.Value | None, norm_eps: float) -> ir.Value:
+                   pro_add: ir.Value | None, norm_eps: float, pro_fp32: bool = False
+                   ) -> ir.Value:
     """``clq_compile.ops.apply_prologue`` in ONNX: the producer fused into the op, each
-    step in x's dtype (the norm computed in float, as torch computes it, then cast)."""
+    step in x's dtype (the norm computed in float, as torch computes it, then cast), or,
+    ``pro_fp32``, all in float and cast to x's dtype once."""
+    y = to_float(x) if pro_fp32 else x
     if prologue in GELU_PROLOGUES:
-        x = op.Gelu(x, approximate=GELU_PROLOGUES[prologue])
+        y = op.Gelu(y, approximate=GELU_PROLOGUES[prologue])
     elif prologue == "layer_norm":
-        xf = to_float(x)
-        ones = op.ConstantOfShape(op.Shape(xf, start=-1),
+        yf = y if pro_fp32 else to_float(x)
+        ones = op.ConstantOfShape(op.Shape(yf, start=-1),
                                   value=ir.tensor(np.array([1.0], np.float32)))
-        y, _, _ = op.LayerNormalization(xf, ones, axis=-1, epsilon=norm_eps)  # Y, mean, 1/std
-        x = cast_like(y, x)
+        y, _, _ = op.LayerNormalization(yf, ones, axis=-1, epsilon=norm_eps)  # Y, mean, 1/std
+        if not pro_fp32:
+            y = cast_like(y, x)
     elif prologue is not None:
         raise OnnxExportError(f"prologue {prologue!r} has no ONNX lowering", op="clq")
     if pro_mul is not None:
-        x = op.Mul(x, pro_mul)
+        y = op.Mul(y, pro_mul)
     if pro_add is not None:
-        x = op.Add(x, pro_add)
-    return x
+        y = op.Add(y, pro_add)
+    return cast_like(y, x) if pro_fp32 else y
 
 
 def transform(
     x: ir.Value, perm: ir.Value | None, smooth: ir.Value | None, rot: ir.Value | None,
     prologue: str | None = None, pro_mul: ir.Value | None = None,
     pro_add: ir.Value | None = None, norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> ir.Value:
     """Same order as ``clq_compile.ops.transform``: the prologue, then float32, gather,
     scale, rotate each length-B block of the last dim, cast back to x's dtype."""
     rank = rank_of(x)
-    y = to_float(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps))
+    y = to_float(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32))
     if perm is not None:
         y = op.Gather(y, perm, axis=rank - 1)
     if smooth is not None:

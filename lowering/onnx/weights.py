@@ -214,8 +214,9 @@ def quant_linear_translation(weights: WeightTable, lower: LowerLinear,
         pro_mul: ir.Value | None = None,
         pro_add: ir.Value | None = None,
         norm_eps: float = DEFAULT_NORM_EPS,
+        pro_fp32: bool = False,
     ) -> ir.Value:
-        x = _like(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps), x)
+        x = _like(apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32), x)
         if perm is not None or smooth is not None or rot is not None:
             x = _like(transform(x, perm, smooth, rot), x)  # the op's fused input transform
         if a_format not in A_FORMATS or w_format not in W_FORMATS:

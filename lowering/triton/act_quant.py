@@ -135,8 +135,9 @@ def _transformed_tile(
     stats, mod_ptr, stride_mod, MOD_PER,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr, ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
-    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, HAS_MUL: tl.constexpr,
-    HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, PRO_ROUND: tl.constexpr,
+    HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """fp32 tile of ((P(x)[:, perm] * smooth) · blockdiag(rot)) for columns
     k0..k0+BLOCK_K, P the prologue (per element, or per row for the norm, so it commutes
@@ -149,10 +150,14 @@ def _transformed_tile(
         cols = offs_k.to(tl.int64)
     mask = mask_m[:, None] & mask_k[None, :]
     ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk
-    x = _prologue(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), PROLOGUE, IN_ROUND)
+    # The prologue's steps round to PRO_ROUND (x's dtype; none when it runs in fp32,
+    # then its result rounds to x's dtype once).
+    x = _prologue(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), PROLOGUE, PRO_ROUND)
     if PROLOGUE == 3 or HAS_MUL or HAS_ADD:
-        x = _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, IN_ROUND,
+        x = _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, PRO_ROUND,
                        HAS_MUL, HAS_ADD, PROLOGUE)
+    if PRO_ROUND != IN_ROUND:
+        x = _round_as(x, IN_ROUND)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         x = x * s[None, :]
@@ -224,7 +229,8 @@ def _row_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_row_configs(), key=[
     "M_BUCKET", "K", "BLOCK_K", "MODE", "BITS", "GROUP", "ROT_B", "ROT_OUTER", "HAS_PERM",
-    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE", "PROLOGUE", "HAS_MUL", "HAS_ADD",
+    "HAS_SMOOTH", "ROT_PRECISION", "ROUND_TO", "STORE", "PROLOGUE", "PRO_ROUND", "HAS_MUL",
+    "HAS_ADD",
 ])
 @triton.jit
 def _rows_kernel(
@@ -238,7 +244,7 @@ def _rows_kernel(
     BITS: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, EPS_: tl.constexpr,
     STORE: tl.constexpr,  # see _store_q
     PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr,  # see _prologue
-    HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,  # see _modulated
+    PRO_ROUND: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,  # _transformed_tile
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -262,7 +268,8 @@ def _rows_kernel(
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
                                   stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
                                   HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO,
-                                  ROT_PRECISION, PROLOGUE, IN_ROUND, HAS_MUL, HAS_ADD,
+                                  ROT_PRECISION, PROLOGUE, IN_ROUND, PRO_ROUND, HAS_MUL,
+                                  HAS_ADD,
                                   BLOCK_M, BLOCK_K)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = _scale_of(amax, clip, QMAX, EPS_)
@@ -272,7 +279,8 @@ def _rows_kernel(
         x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
                               stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
                               HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO, ROT_PRECISION,
-                              PROLOGUE, IN_ROUND, HAS_MUL, HAS_ADD, BLOCK_M, BLOCK_K)
+                              PROLOGUE, IN_ROUND, PRO_ROUND, HAS_MUL, HAS_ADD, BLOCK_M,
+                              BLOCK_K)
         if MODE == 0:
             if OUT_ROUND == 1:
                 x = round_to_bf16(x)
@@ -375,6 +383,7 @@ def _launch(
     pro_mul: torch.Tensor | None = None,
     pro_add: torch.Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> None:
     x2 = x.reshape(-1, plan.k)
     m = x2.shape[0]
@@ -405,7 +414,8 @@ def _launch(
         ROT_PRECISION=_precision(rot_precision), MODE=mode, BITS=plan.bits,
         QMAX=(1 << (plan.bits - 1)) - 1 if plan.bits else 0, GROUP=max(plan.group, lzs_group, 1),
         EPS_=EPS, STORE=store, PROLOGUE=_PROLOGUE_CODES[prologue],
-        IN_ROUND=_round_code(x.dtype), HAS_MUL=pro_mul is not None,
+        IN_ROUND=_round_code(x.dtype),
+        PRO_ROUND=_ROUND_NONE if pro_fp32 else _round_code(x.dtype), HAS_MUL=pro_mul is not None,
         HAS_ADD=pro_add is not None, BLOCK_K=plan.block_k,
         **options,  # eagerly: keep x*smooth and the rounding trick separate IEEE ops
     )
@@ -428,6 +438,7 @@ def rotate_quantize(
     pro_mul: torch.Tensor | None = None,
     pro_add: torch.Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``transform(x)`` along the last dim in one kernel.
 
@@ -440,7 +451,8 @@ def rotate_quantize(
     int8 per element, for the int8 GEMM route) or "fp8" (float8 e4m3, exact for 4-bit
     values, for ``torch._scaled_mm``). ``prologue``: ``clq_compile.ops.PROLOGUES``, applied
     to x first and rounded to its dtype, then ``* pro_mul`` and ``+ pro_add`` in kernel
-    form (``support.modulation_operand``; LayerNorm eps ``norm_eps``). ``lzs_group``
+    form (``support.modulation_operand``; LayerNorm eps ``norm_eps``; ``pro_fp32``: see
+    ``clq_compile.ops.apply_prologue``). ``lzs_group``
     (16 or 32; ``bits`` 8, per token): QuaRTZ's leading-zero suppression of the int8
     codes, stored decoded (``code << FLAG``, exact in int8) for the int8 GEMM:
     ``Σ (c << f)·w`` over a group is that group's partial sum shifted by ``f``, and NVIDIA
@@ -462,7 +474,7 @@ def rotate_quantize(
     scale = torch.empty((m, n_groups), dtype=torch.float32, device=x.device)
     round_to = _round_code(x.dtype) if round_to_input_dtype else _ROUND_NONE
     _launch(x, perm, smooth, rot, rot_outer, plan, q, scale, clip, round_to,
-            rot_precision, store, prologue, lzs_group, pro_mul, pro_add, norm_eps)
+            rot_precision, store, prologue, lzs_group, pro_mul, pro_add, norm_eps, pro_fp32)
     return q, scale
 
 
@@ -477,6 +489,7 @@ def transform(
     pro_mul: torch.Tensor | None = None,
     pro_add: torch.Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> torch.Tensor:
     """``clq::transform`` on the row kernel: computed in fp32, returned in x's dtype.
     ``rot_outer``, the prologue and its operands (in kernel form): as in
@@ -487,5 +500,5 @@ def transform(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, perm, smooth, rot, rot_outer, plan, out.view(-1, plan.k), None, 1.0,
             _ROUND_NONE, rot_precision, prologue=prologue, pro_mul=pro_mul, pro_add=pro_add,
-            norm_eps=norm_eps)
+            norm_eps=norm_eps, pro_fp32=pro_fp32)
     return out

@@ -109,7 +109,7 @@ def _row_variants() -> list[Variant]:
                 out_ptr="*i8", scale_ptr="*fp32", mul_ptr="*bf16", add_ptr="*bf16")
     base = dict(HAS_PERM=True, HAS_SMOOTH=True, ROT_B=128, ROT_OUTER=8, ROUND_TO=1, OUT_ROUND=0,
                 ROT_PRECISION="tf32x3", MODE=1, BITS=4, QMAX=7, GROUP=1, EPS_=EPS, STORE=0,
-                PROLOGUE=0, IN_ROUND=1, HAS_MUL=False, HAS_ADD=False,
+                PROLOGUE=0, IN_ROUND=1, PRO_ROUND=1, HAS_MUL=False, HAS_ADD=False,
                 BLOCK_K=configs.GPU_ROW_BLOCK_K)
 
     def v(name, ptr_over=None, min_arch=80, **over):
@@ -125,6 +125,8 @@ def _row_variants() -> list[Variant]:
         v("act-int4-token-gelu-tanh-fp8", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
           STORE=2, PROLOGUE=2),
         v("act-int4-token-layernorm-adaln-h128", PROLOGUE=3, HAS_MUL=True, HAS_ADD=True),
+        v("act-int4-token-layernorm-adaln-fp32-h128", {"mul_ptr": "*fp32", "add_ptr": "*fp32"},
+          PROLOGUE=3, PRO_ROUND=0, HAS_MUL=True, HAS_ADD=True),
         v("act-int4-token-layernorm-adaln-fp8", {"out_ptr": "*fp8e4nv"}, min_arch=89, ROT_B=0,
           STORE=2, PROLOGUE=3, HAS_MUL=True, HAS_ADD=True),
         v("act-int4-group128", HAS_PERM=False, HAS_SMOOTH=False, ROT_B=0, MODE=2, GROUP=128),

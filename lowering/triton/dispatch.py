@@ -112,6 +112,7 @@ class LinearCall:
     prologue: str | None
     lzs_group: int
     norm_eps: float
+    pro_fp32: bool
 
     def weight(self, w_q: Tensor, cached: bool = True) -> Tensor:
         """The weight operand of this call's GEMM (int8 / fp8 unpacked; cached per tensor
@@ -123,11 +124,12 @@ class LinearCall:
     def args(self) -> tuple:
         """The trailing arguments of ``clq_triton::quant_linear``."""
         return (self.route, self.w_bits, self.a_bits, self.a_group, self.a_clip,
-                self.prologue, self.lzs_group, self.norm_eps)
+                self.prologue, self.lzs_group, self.norm_eps, self.pro_fp32)
 
 
-def _modulation_rows(x: Tensor, *operands: Tensor | None) -> tuple[int, ...]:
-    rows = (plan_modulation(t, x.shape, x.dtype) for t in operands)
+def _modulation_rows(x: Tensor, pro_fp32: bool, *operands: Tensor | None) -> tuple[int, ...]:
+    dtype = torch.float32 if pro_fp32 else x.dtype
+    rows = (plan_modulation(t, x.shape, dtype) for t in operands)
     return tuple(r for r in rows if r is not None)
 
 
@@ -137,7 +139,7 @@ def plan_linear(
     rot: Tensor | None = None, prologue: str | None = None, a_format: str = "int",
     w_format: str = "int", a8_rows: bool = False, route: str | None = None,
     capability: tuple[int, int] | None = None, pro_mul: Tensor | None = None,
-    pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS,
+    pro_add: Tensor | None = None, norm_eps: float = DEFAULT_NORM_EPS, pro_fp32: bool = False,
 ) -> LinearCall:
     """Whether the kernels take a ``clq::quant_linear`` call, and how; reads only shapes
     and dtypes (x may be a fake tensor). ``capability``: the CUDA device's (None: not a
@@ -163,7 +165,7 @@ def plan_linear(
         raise ValueError(f"route {route!r} not in {routes.ROUTES}")
     g_bits = (8, 8) if route == "int8" and a_bits < 16 else (a_bits, w_bits)
     plan_gemm(*g_bits, k, k // a_group if a_group else 1, w_scale.shape[1], x.dtype)
-    rows = _modulation_rows(x, pro_mul, pro_add)
+    rows = _modulation_rows(x, pro_fp32, pro_mul, pro_add)
     if a_bits == 16:
         if any(t is not None for t in (perm, smooth, rot)):
             plan_rows(x, perm, smooth, rot, 0, 0)
@@ -171,7 +173,7 @@ def plan_linear(
         plan_quantize(x, perm, smooth, rot, a_bits, a_group, a_clip, route, prologue,
                       lzs_group, rows)
     return LinearCall(route, w_bits, a_bits, a_group, a_clip, prologue, lzs_group,
-                      float(norm_eps))
+                      float(norm_eps), bool(pro_fp32))
 
 
 def capability_of(device: torch.device) -> tuple[int, int] | None:
@@ -197,6 +199,7 @@ def quant_linear_triton(
     pro_mul: Tensor | None = None,
     pro_add: Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
     route: str | None = None,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels: :func:`plan_linear` decides, then
@@ -205,14 +208,14 @@ def quant_linear_triton(
     key = (tuple(x.shape), str(x.dtype), tuple(w_q.shape), tuple(w_scale.shape), w_bits,
            a_bits, a_group, perm is not None, smooth is not None,
            None if rot is None else tuple(rot.shape), prologue, a_format, w_format,
-           a8_rows is not None,
+           a8_rows is not None, pro_fp32,
            *(None if t is None else tuple(t.shape) for t in (pro_mul, pro_add)))
     reason = device_reason(x)
     if not reason:
         try:
             call = plan_linear(x, w_q, w_scale, w_bits, a_bits, a_group, a_clip, perm, smooth,
                                rot, prologue, a_format, w_format, a8_rows is not None, route,
-                               capability_of(x.device), pro_mul, pro_add, norm_eps)
+                               capability_of(x.device), pro_mul, pro_add, norm_eps, pro_fp32)
             tile, outer = rotation_operand(rot, x.device)
             kernels("kernel_ops")  # defines torch.ops.clq_triton
             return torch.ops.clq_triton.quant_linear(
@@ -223,7 +226,7 @@ def quant_linear_triton(
     _log_fallback("quant_linear", key, reason)
     return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip,
                                   perm, smooth, rot, prologue, a_format, w_format, a8_rows,
-                                  pro_mul, pro_add, norm_eps)
+                                  pro_mul, pro_add, norm_eps, pro_fp32)
 
 
 def rotation_operand(rot: Tensor | None, device: torch.device) -> tuple[Tensor | None, int]:
@@ -234,34 +237,37 @@ def rotation_operand(rot: Tensor | None, device: torch.device) -> tuple[Tensor |
 
 def plan_transform(x: Tensor, perm: Tensor | None, smooth: Tensor | None,
                    rot: Tensor | tuple[int, ...] | None, prologue: str | None = None,
-                   pro_mul: Tensor | None = None, pro_add: Tensor | None = None) -> None:
+                   pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
+                   pro_fp32: bool = False) -> None:
     """Whether the row kernel takes a ``clq::transform`` call (shapes and dtypes only, as
     :func:`plan_linear`). Raises :class:`Unsupported` with the reason."""
-    plan_prologue(x, prologue, _modulation_rows(x, pro_mul, pro_add))
+    plan_prologue(x, prologue, _modulation_rows(x, pro_fp32, pro_mul, pro_add))
     plan_rows(x, perm, smooth, rot, 0, 0)
 
 
 def transform_triton(
     x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot: Tensor | None,
     prologue: str | None = None, pro_mul: Tensor | None = None, pro_add: Tensor | None = None,
-    norm_eps: float = DEFAULT_NORM_EPS,
+    norm_eps: float = DEFAULT_NORM_EPS, pro_fp32: bool = False,
 ) -> Tensor:
     """``clq::transform`` on the row kernel (fp32 math, output in x's dtype)."""
     key = (tuple(x.shape), str(x.dtype), None if rot is None else tuple(rot.shape),
-           perm is not None, smooth is not None, prologue,
+           perm is not None, smooth is not None, prologue, pro_fp32,
            *(None if t is None else tuple(t.shape) for t in (pro_mul, pro_add)))
     reason = device_reason(x)
     if not reason:
         try:
-            plan_transform(x, perm, smooth, rot, prologue, pro_mul, pro_add)
+            plan_transform(x, perm, smooth, rot, prologue, pro_mul, pro_add, pro_fp32)
             tile, outer = rotation_operand(rot, x.device)
             kernels("kernel_ops")
             return torch.ops.clq_triton.transform(x, perm, smooth, tile, outer, pro_mul,
-                                                  pro_add, prologue, float(norm_eps))
+                                                  pro_add, prologue, float(norm_eps),
+                                                  bool(pro_fp32))
         except _launch_errors() as e:
             reason = _reason(e)
     _log_fallback("transform", key, reason)
-    return transform_reference(x, perm, smooth, rot, prologue, pro_mul, pro_add, norm_eps)
+    return transform_reference(x, perm, smooth, rot, prologue, pro_mul, pro_add, norm_eps,
+                               pro_fp32)
 
 
 def register() -> bool:

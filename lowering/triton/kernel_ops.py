@@ -47,6 +47,7 @@ def quant_linear(
     prologue: str | None,
     lzs_group: int,
     norm_eps: float,
+    pro_fp32: bool,
 ) -> Tensor:
     """``clq::quant_linear`` on the kernels, decided (``dispatch.plan_linear``): transform
     and quantize x (one launch; none for weight-only ``a_bits`` 16), then the route's GEMM.
@@ -56,33 +57,34 @@ def quant_linear(
     with _on_device(x):
         return _quant_linear(x, w, w_scale, bias, perm, smooth, rot_tile, rot_outer, pro_mul,
                              pro_add, route, w_bits, a_bits, a_group, a_clip, prologue,
-                             lzs_group, norm_eps)
+                             lzs_group, norm_eps, pro_fp32)
 
 
 def _quant_linear(
     x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, perm: Tensor | None,
     smooth: Tensor | None, rot_tile: Tensor | None, rot_outer: int, pro_mul: Tensor | None,
     pro_add: Tensor | None, route: str, w_bits: int, a_bits: int, a_group: int,
-    a_clip: float, prologue: str | None, lzs_group: int, norm_eps: float,
+    a_clip: float, prologue: str | None, lzs_group: int, norm_eps: float, pro_fp32: bool,
 ) -> Tensor:
     k = x.shape[-1]
     n = w.shape[0]
     if x.numel() == 0:
         return x.new_empty((*x.shape[:-1], n))
     if a_bits == 16:  # weight-only: no quantizer to fuse the prologue into
-        x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps).reshape(-1, k)
+        x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32).reshape(-1, k)
         if perm is not None or smooth is not None or rot_tile is not None:
             x2 = act_quant.transform(x2, perm, smooth, rot_tile, rot_outer=rot_outer)
         y = qgemm.quant_matmul(x2, None, w, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
-    mul_rows, add_rows = (modulation_operand(t, x.shape, x.dtype) for t in (pro_mul, pro_add))
+    mul_rows, add_rows = _kernel_form(x, pro_mul, pro_add, pro_fp32)
     # Rounded to x's dtype before quantizing, as clq::transform's output would be.
     a, a_scale = act_quant.rotate_quantize(x.reshape(-1, k), perm, smooth, rot_tile, a_bits,
                                            a_group, a_clip, container=route,
                                            prologue=prologue, lzs_group=lzs_group,
                                            rot_outer=rot_outer, pro_mul=mul_rows,
-                                           pro_add=add_rows, norm_eps=norm_eps)
+                                           pro_add=add_rows, norm_eps=norm_eps,
+                                           pro_fp32=pro_fp32)
     if route == "fp8":
         y = routes.fp8_matmul(a, a_scale, w, w_scale, bias, x.dtype)
     elif route == "int8":
@@ -98,16 +100,22 @@ def _quant_linear(
 def transform(
     x: Tensor, perm: Tensor | None, smooth: Tensor | None, rot_tile: Tensor | None,
     rot_outer: int, pro_mul: Tensor | None, pro_add: Tensor | None, prologue: str | None,
-    norm_eps: float,
+    norm_eps: float, pro_fp32: bool,
 ) -> Tensor:
     """``clq::transform`` on the row kernel, the rotation in kernel form, the prologue's
     modulation as the op takes it."""
     with _on_device(x):
-        mul_rows, add_rows = (modulation_operand(t, x.shape, x.dtype) for t in (pro_mul,
-                                                                                pro_add))
+        mul_rows, add_rows = _kernel_form(x, pro_mul, pro_add, pro_fp32)
         return act_quant.transform(x, perm, smooth, rot_tile, rot_outer=rot_outer,
                                    prologue=prologue, pro_mul=mul_rows, pro_add=add_rows,
-                                   norm_eps=norm_eps)
+                                   norm_eps=norm_eps, pro_fp32=pro_fp32)
+
+
+def _kernel_form(x: Tensor, pro_mul: Tensor | None, pro_add: Tensor | None, pro_fp32: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    dtype = torch.float32 if pro_fp32 else x.dtype
+    return modulation_operand(pro_mul, x.shape, dtype), modulation_operand(pro_add, x.shape,
+                                                                           dtype)
 
 
 def _on_device(x: Tensor) -> contextlib.AbstractContextManager:

@@ -153,7 +153,8 @@ class LowerToKernels(GraphPass):
             x, _val(a["w_q"]), _val(a["w_scale"]), a["w_bits"], a["a_bits"], a["a_group"],
             a["a_clip"], _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]), a["prologue"],
             a["a_format"], a["w_format"], a["a8_rows"] is not None, capability=cap,
-            pro_mul=_val(a["pro_mul"]), pro_add=_val(a["pro_add"]), norm_eps=a["norm_eps"])
+            pro_mul=_val(a["pro_mul"]), pro_add=_val(a["pro_add"]), norm_eps=a["norm_eps"],
+            pro_fp32=a["pro_fp32"])
         if call.route != "packed" and call.a_bits < 16:
             self._check_weight(a["w_q"], call.route)
         tile, outer = self._rotation(gm, a["rot"], x.device)
@@ -170,12 +171,13 @@ class LowerToKernels(GraphPass):
         x = _val(a["x"])
         self._device(x)
         dispatch.plan_transform(x, _val(a["perm"]), _val(a["smooth"]), _val(a["rot"]),
-                                a["prologue"], _val(a["pro_mul"]), _val(a["pro_add"]))
+                                a["prologue"], _val(a["pro_mul"]), _val(a["pro_add"]),
+                                a["pro_fp32"])
         tile, outer = self._rotation(gm, a["rot"], x.device)
         tile_node = self._tile(gm, node, a["rot"], tile)
         _replace(gm, node, torch.ops.clq_triton.transform.default,
                  (a["x"], a["perm"], a["smooth"], tile_node, outer, a["pro_mul"],
-                  a["pro_add"], a["prologue"], float(a["norm_eps"])))
+                  a["pro_add"], a["prologue"], float(a["norm_eps"]), bool(a["pro_fp32"])))
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: Any, args: tuple) -> None:

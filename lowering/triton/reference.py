@@ -32,12 +32,13 @@ def rotate_quantize_reference(
     pro_mul: torch.Tensor | None = None,
     pro_add: torch.Tensor | None = None,
     norm_eps: float = DEFAULT_NORM_EPS,
+    pro_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of ``act_quant.rotate_quantize``: prologue, transform, then
     ``clq_compile.quant`` (``clq_compile.lzs`` decoded, with ``lzs_group``). The
     modulation operands broadcast against x (the op's form, not the kernel's)."""
     k = x.shape[-1]
-    x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps).reshape(-1, k)
+    x2 = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32).reshape(-1, k)
     if perm is None and smooth is None and rot is None:
         y = x2
     elif round_to_input_dtype:

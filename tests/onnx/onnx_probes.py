@@ -176,9 +176,9 @@ def _first_inputs(qm: Any, args: tuple, kwargs: dict,
 
     def hook(node: fx.Node, x: torch.Tensor, w_q, w_scale, bias, w_bits, a_bits, a_group,
              a_clip, perm=None, smooth=None, rot=None, prologue=None, *, pro_mul=None,
-             pro_add=None, norm_eps=DEFAULT_NORM_EPS) -> torch.Tensor:
+             pro_add=None, norm_eps=DEFAULT_NORM_EPS, pro_fp32=False) -> torch.Tensor:
         # the quantizer's input: after the prologue and transform the op may hold
-        x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps)
+        x = apply_prologue(x, prologue, pro_mul, pro_add, norm_eps, pro_fp32)
         x = transform_reference(x, perm, smooth, rot)
         if a_bits >= 16:
             return quant_linear_reference(x, w_q, w_scale, bias, w_bits, a_bits, a_group, a_clip)

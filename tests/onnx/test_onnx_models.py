@@ -48,6 +48,7 @@ import onnx_ir as ir
 import pytest
 import torch
 
+import clq_compile as clq
 from clq_compile.lowering.onnx import ort_run, ort_session
 from clq_compile.qlinear import sqnr
 from tests.onnx.onnx_probes import act_key, assert_exact, quant_linears
@@ -213,3 +214,27 @@ def test_timestep_policy_exports_and_follows_the_timestep(export_case, target):
     ops = [n.op_type for n in ir.load(case.path).graph]
     assert "ArgMin" in ops
     assert ops.count("Where") >= len(policy.blocks)
+
+
+def test_fp32_prologue_exports_and_matches_reference(tmp_path):
+    """``pro_fp32`` (Wan's FP32LayerNorm in a bf16 model) in ONNX: the same Cast /
+    LayerNormalization / Mul / Add / Cast sequence. ORT's CPU kernels run float32 models,
+    so the flag is set on a float32 model's fused norms (where it changes no value) and
+    the file must still match the reference as every other export does."""
+    from clq_compile.lowering.onnx import export_onnx
+    from clq_compile.testing import tiny_dit
+    from tests.onnx.conftest import Case
+
+    model, inputs = tiny_dit(batch=2)
+    qm = clq.quantize(model, [inputs(0), inputs(1)], recipe="rtn", bits="w4a4",
+                      measure=False, extra_shapes=None)
+    gm = qm.graph_module
+    fused = [n for n in gm.graph.nodes if "norm_eps" in n.kwargs]
+    assert fused
+    for n in fused:
+        n.kwargs = {**n.kwargs, "pro_fp32": True}
+    gm.recompile()
+    path = export_onnx(qm, tmp_path / "fp32_prologue.onnx")
+    names = [n.op_type for n in ir.load(path).graph]
+    assert names.count("LayerNormalization") >= len(fused)
+    assert_exact(Case("dit", "w4a4", "qdq", qm, model, inputs, path))

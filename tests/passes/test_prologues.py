@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from clq_compile.passes.graph_utils import op_name
+from clq_compile.passes.graph_utils import is_cast, op_name
 from clq_compile.passes.prologues import FusePrologues
 from clq_compile.passes.rewrite import QUANT_LINEAR
 from clq_compile.quant import quantize_weight
@@ -193,16 +193,21 @@ def test_fuse_transforms_leaves_a_transform_holding_a_prologue():
     assert torch.equal(result.gm(*inputs), before)
 
 
-def test_a_norm_run_in_fp32_for_a_bf16_model_is_declined(caplog):
-    """Wan's FP32LayerNorm in a bf16 model: norm and modulation in fp32, then cast to
-    bf16. The op computes its prologue in x's dtype, so fusing would round differently:
-    declined, and said."""
+@pytest.mark.parametrize("level", ["aten", "torch"])
+def test_a_norm_run_in_fp32_for_a_bf16_model_fuses_in_fp32(level):
+    """Wan's FP32LayerNorm in a bf16 model: norm and modulation in fp32 on ``x.float()``,
+    then cast to bf16. The fused op reads the bf16 x, computes in fp32 (``pro_fp32``) and
+    rounds once, as the graph did: bit for bit; the float32 copy of x is gone too."""
     x, scale, shift = _inputs()
     inputs = (x.bfloat16(), scale, shift)
-    gm = _graph(_Fp32Casts(), inputs, "aten")
-    before = gm(*inputs)
-    with caplog.at_level(logging.DEBUG, logger="clq_compile.passes.prologues"):
-        result = FusePrologues()(gm)
-    assert not result.modified
-    assert "casts the normalized tensor to another dtype" in caplog.text
-    assert torch.equal(result.gm(*inputs), before)
+    gm = _graph(_Fp32Casts(), inputs, level)
+    with torch.no_grad():
+        before = gm(*inputs)
+    result = FusePrologues()(gm)
+    (q,) = [n for n in result.gm.graph.nodes if n.target == QUANT_LINEAR]
+    assert q.args[11] == "layer_norm" and q.kwargs["pro_fp32"] is True
+    assert q.args[0].op == "placeholder"  # the bf16 x, not a float32 copy
+    assert not [n for n in result.gm.graph.nodes if is_cast(n)]  # nor is the copy made
+    with torch.no_grad():
+        after = result.gm(*inputs)
+    assert after.dtype == torch.bfloat16 and torch.equal(after, before)

@@ -213,20 +213,23 @@ def _modulation(shape: tuple[int, ...], dtype: torch.dtype, seed: int, offset: f
 
 # (B, T, K, dtype, modulation shape (None: that operand absent), bits, group, perm and
 # H64, container): per sample (adaLN), per token, one row for all; K=96 ends on a part
-# tile (64 wide); mul only and add only; 8-bit groups; the fp8 and int8 containers.
+# tile (64 wide); mul only and add only; 8-bit groups; the fp8 and int8 containers; the
+# prologue in fp32 on a bf16 x (fp32 operands, one rounding at the end).
 _NORM_CASES = [
-    (2, 9, 96, "fp32", (2, 1, 96), (2, 1, 96), 4, 0, False, "packed"),
-    (3, 7, 128, "bf16", (3, 1, 128), (3, 1, 128), 4, 0, True, "packed"),
-    (2, 5, 128, "fp16", (2, 5, 128), None, 8, 32, False, "packed"),
-    (1, 17, 64, "bf16", None, (64,), 8, 0, True, "int8"),
-    (2, 8, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "fp8"),
-    (2, 3, 64, "fp32", None, None, 4, 0, False, "packed"),
+    (2, 9, 96, "fp32", (2, 1, 96), (2, 1, 96), 4, 0, False, "packed", False),
+    (3, 7, 128, "bf16", (3, 1, 128), (3, 1, 128), 4, 0, True, "packed", False),
+    (2, 5, 128, "fp16", (2, 5, 128), None, 8, 32, False, "packed", False),
+    (1, 17, 64, "bf16", None, (64,), 8, 0, True, "int8", False),
+    (2, 8, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "fp8", False),
+    (2, 3, 64, "fp32", None, None, 4, 0, False, "packed", False),
+    (2, 9, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "packed", True),  # Wan's fp32
 ]
 
 
-@pytest.mark.parametrize(("b", "t", "k", "dt", "mul", "add", "bits", "group", "rot", "box"),
-                         _NORM_CASES)
-def test_prologue_layer_norm(b, t, k, dt, mul, add, bits, group, rot, box, device) -> None:
+@pytest.mark.parametrize(("b", "t", "k", "dt", "mul", "add", "bits", "group", "rot", "box",
+                          "fp32"), _NORM_CASES)
+def test_prologue_layer_norm(b, t, k, dt, mul, add, bits, group, rot, box, fp32,
+                             device) -> None:
     """LayerNorm + adaLN modulation fused in front of the quantizer. The kernel's row
     statistics are a tiled fp32 reduction, torch's another order: the normalized values
     are a few fp32 ulps apart before rounding to x's dtype, so, as for GELU, at most 0.5%
@@ -236,17 +239,19 @@ def test_prologue_layer_norm(b, t, k, dt, mul, add, bits, group, rot, box, devic
     the variance."""
     dtype = _DT[dt]
     x = (random_activation(b * t, k, torch.float32, seed=5) + 30.0).to(dtype).reshape(b, t, k)
-    pro_mul = None if mul is None else _modulation(mul, dtype, 1, offset=1.0)
-    pro_add = None if add is None else _modulation(add, dtype, 2)
+    mod = torch.float32 if fp32 else dtype
+    pro_mul = None if mul is None else _modulation(mul, mod, 1, offset=1.0)
+    pro_add = None if add is None else _modulation(add, mod, 2)
     perm = torch.randperm(k, generator=torch.Generator().manual_seed(3)) if rot else None
     h = hadamard(64) if rot else None
-    kernel_form = [_dev(modulation_operand(o, x.shape, dtype), device) for o in (pro_mul, pro_add)]
+    kernel_form = [_dev(modulation_operand(o, x.shape, mod), device) for o in (pro_mul, pro_add)]
     q, s = rotate_quantize(x.to(device), _dev(perm, device), None, _dev(h, device), bits,
                            group, 1.0, container=box, prologue="layer_norm",
-                           pro_mul=kernel_form[0], pro_add=kernel_form[1], norm_eps=1e-6)
+                           pro_mul=kernel_form[0], pro_add=kernel_form[1], norm_eps=1e-6,
+                           pro_fp32=fp32)
     q_ref, s_ref = rotate_quantize_reference(x, perm, None, h, bits, group, 1.0,
                                              prologue="layer_norm", pro_mul=pro_mul,
-                                             pro_add=pro_add, norm_eps=1e-6)
+                                             pro_add=pro_add, norm_eps=1e-6, pro_fp32=fp32)
     ulps = 64 if dtype == torch.float32 else 2
     assert_within(s.reshape(s_ref.shape), s_ref, ulps * ulp_bound(dtype, s_ref), "scales")
     if box == "fp8":

@@ -95,10 +95,12 @@ def test_lowered_layer_equals_the_eager_dispatch(w_bits, a_bits, a_group, w_grou
         assert tuple(tile.shape) == (16, 16) and node.args[7] == b // 16
 
 
-@pytest.mark.parametrize(("a_bits", "dtype", "cap"), [(4, torch.float32, None),
-                                                     (4, torch.bfloat16, (9, 0)),
-                                                     (16, torch.float32, None)])
-def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, device) -> None:
+@pytest.mark.parametrize(("a_bits", "dtype", "cap", "fp32"), [(4, torch.float32, None, False),
+                                                             (4, torch.bfloat16, (9, 0), False),
+                                                             (16, torch.float32, None, False),
+                                                             (4, torch.bfloat16, None, True)])
+def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, fp32,
+                                                         device) -> None:
     """LayerNorm + adaLN modulation fused in (``FusePrologues``), the modulation operands
     arriving as graph inputs per sample: the lowered op passes them through and gives
     the eager dispatch's output exactly, and the reference's within fp32 rounding (the
@@ -106,7 +108,8 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, dev
     b, t, k, n = 2, 5, 128, 48
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(b, t, k, generator=g) * 2 + 4).to(dtype).to(device)
-    mul, add = ((torch.randn(b, 1, k, generator=g) * 0.3 + o).to(dtype).to(device)
+    mod = torch.float32 if fp32 else dtype  # Wan: the prologue in fp32 on a bf16 x
+    mul, add = ((torch.randn(b, 1, k, generator=g) * 0.3 + o).to(mod).to(device)
                 for o in (1.0, 0.0))
     w_q, w_s = quantize_weight(torch.randn(n, k, generator=g), 4)
 
@@ -119,7 +122,7 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, dev
         def forward(self, x, mul, add):
             return torch.ops.clq.quant_linear.default(
                 x, self.w_q, self.w_s, None, 4, a_bits, 0, 1.0, None, None, self.rot,
-                "layer_norm", pro_mul=mul, pro_add=add, norm_eps=1e-6)
+                "layer_norm", pro_mul=mul, pro_add=add, norm_eps=1e-6, pro_fp32=fp32)
 
     layer = Norm().to(device)
     gm = fx.symbolic_trace(layer)
@@ -129,7 +132,7 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, dev
     expected = dispatch.quant_linear_triton(x, layer.w_q, layer.w_s, None, 4, a_bits, 0, 1.0,
                                             None, None, layer.rot, "layer_norm",
                                             pro_mul=mul, pro_add=add, norm_eps=1e-6,
-                                            route=dispatch.plan_linear(
+                                            pro_fp32=fp32, route=dispatch.plan_linear(
                                                 x, w_q, w_s, 4, a_bits, 0, 1.0,
                                                 capability=cap).route)
     y = gm(x, mul, add)
