@@ -380,4 +380,6 @@ def test_backend_graph_fuses_norm_and_modulation_into_the_quantizers():
     assert all(set(q.kwargs) >= {"pro_mul", "pro_add"} for q in fused)
     with torch.no_grad():
         ref = model(**inputs(2))[0]
-    assert sqnr(ref, out) > 10.0  # W4A4 of a random tiny model: the output is still it
+    # quarot W4A4 of the tiny random model: 31.0 dB measured; a wrong prologue puts one
+    # layer's input at 1-7 dB (test_act_quant.test_transform_with_norm_prologue)
+    assert sqnr(ref, out) > 20.0
