@@ -107,22 +107,24 @@ def _prologue(x, PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr):
 
 
 @triton.jit
-def _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, IN_ROUND: tl.constexpr,
-               HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr, PROLOGUE: tl.constexpr):
+def _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, mod_per,
+               IN_ROUND: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ADD: tl.constexpr,
+               PROLOGUE: tl.constexpr):
     """The prologue's LayerNorm (``stats``: mean, rstd), ``* mul``, ``+ add``, each
     rounded to x's dtype as the unfused ops' outputs are; ``mod_ptr`` (mul, add) hold
-    (rows, K) operands, row ``m // MOD_PER`` serving x's row m."""
+    (rows, K) operands, each its own row ``m // per`` serving x's row m (``mod_per``)."""
     if PROLOGUE == 3:
         mean, rstd = stats
         x = _round_as((x - mean[:, None]) * rstd[:, None], IN_ROUND)
     mul_ptr, add_ptr = mod_ptr
     stride_mul, stride_add = stride_mod
+    mul_per, add_per = mod_per
     if HAS_MUL:
-        mrow = (offs_m // MOD_PER).to(tl.int64)[:, None] * stride_mul
+        mrow = (offs_m // mul_per).to(tl.int64)[:, None] * stride_mul
         x = _round_as(x * tl.load(mul_ptr + mrow + cols[None, :], mask=mask, other=0.0)
                       .to(tl.float32), IN_ROUND)
     if HAS_ADD:
-        arow = (offs_m // MOD_PER).to(tl.int64)[:, None] * stride_add
+        arow = (offs_m // add_per).to(tl.int64)[:, None] * stride_add
         x = _round_as(x + tl.load(add_ptr + arow + cols[None, :], mask=mask, other=0.0)
                       .to(tl.float32), IN_ROUND)
     # Columns past K must stay 0 (they enter the absmax): the norm and add move them.
@@ -132,7 +134,7 @@ def _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, IN_RO
 @triton.jit
 def _transformed_tile(
     x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K, stride_xm, stride_xk,
-    stats, mod_ptr, stride_mod, MOD_PER,
+    stats, mod_ptr, stride_mod, mod_per,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr, ROUND_TO: tl.constexpr, ROT_PRECISION: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_ROUND: tl.constexpr, PRO_ROUND: tl.constexpr,
@@ -154,7 +156,7 @@ def _transformed_tile(
     # then its result rounds to x's dtype once).
     x = _prologue(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), PROLOGUE, PRO_ROUND)
     if PROLOGUE == 3 or HAS_MUL or HAS_ADD:
-        x = _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, MOD_PER, PRO_ROUND,
+        x = _modulated(x, stats, mod_ptr, offs_m, cols, mask, stride_mod, mod_per, PRO_ROUND,
                        HAS_MUL, HAS_ADD, PROLOGUE)
     if PRO_ROUND != IN_ROUND:
         x = _round_as(x, IN_ROUND)
@@ -235,8 +237,8 @@ def _row_configs() -> list[triton.Config]:
 @triton.jit
 def _rows_kernel(
     x_ptr, perm_ptr, smooth_ptr, rot_ptr, out_ptr, scale_ptr, mul_ptr, add_ptr,
-    M, K, stride_xm, stride_xk, stride_om, stride_sm, stride_mul, stride_add, MOD_PER, eps,
-    clip, M_BUCKET,
+    M, K, stride_xm, stride_xk, stride_om, stride_sm, stride_mul, stride_add, mul_per,
+    add_per, eps, clip, M_BUCKET,
     HAS_PERM: tl.constexpr, HAS_SMOOTH: tl.constexpr, ROT_B: tl.constexpr,
     ROT_OUTER: tl.constexpr,  # 1: dense B×B dot; >1: factored Hadamard, see _butterflies
     ROUND_TO: tl.constexpr, OUT_ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr,
@@ -256,6 +258,7 @@ def _rows_kernel(
     else:
         stats = (0.0, 0.0)
     mod_ptr, stride_mod = (mul_ptr, add_ptr), (stride_mul, stride_add)
+    mod_per = (mul_per, add_per)
     if ROT_B > 0:
         rb = tl.arange(0, ROT_B // ROT_OUTER)
         rot = tl.load(rot_ptr + rb[:, None] * (ROT_B // ROT_OUTER) + rb[None, :]).to(tl.float32)
@@ -266,7 +269,7 @@ def _rows_kernel(
         amax = tl.zeros((BLOCK_M,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                                  stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
+                                  stride_xm, stride_xk, stats, mod_ptr, stride_mod, mod_per,
                                   HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO,
                                   ROT_PRECISION, PROLOGUE, IN_ROUND, PRO_ROUND, HAS_MUL,
                                   HAS_ADD,
@@ -277,7 +280,7 @@ def _rows_kernel(
 
     for k0 in range(0, K, BLOCK_K):
         x = _transformed_tile(x_ptr, perm_ptr, smooth_ptr, rot, offs_m, mask_m, k0, K,
-                              stride_xm, stride_xk, stats, mod_ptr, stride_mod, MOD_PER,
+                              stride_xm, stride_xk, stats, mod_ptr, stride_mod, mod_per,
                               HAS_PERM, HAS_SMOOTH, ROT_B, ROT_OUTER, ROUND_TO, ROT_PRECISION,
                               PROLOGUE, IN_ROUND, PRO_ROUND, HAS_MUL, HAS_ADD, BLOCK_M,
                               BLOCK_K)
@@ -356,13 +359,9 @@ def _rot_shape(rot_tile: torch.Tensor | None, rot_outer: int) -> tuple[int, ...]
     return tuple(d * rot_outer for d in rot_tile.shape)
 
 
-def _mod_rows(*operands: torch.Tensor | None) -> int:
-    """Rows of the modulation operands in kernel form (checked equal where both are
-    given); 1 without any."""
-    rows = {t.shape[0] for t in operands if t is not None}
-    if len(rows) > 1:
-        raise Unsupported(f"modulation operands with {sorted(rows)} rows")
-    return rows.pop() if rows else 1
+def _pro_rows(*operands: torch.Tensor | None) -> tuple[int, ...]:
+    """Rows of the given modulation operands in kernel form (for ``plan_prologue``)."""
+    return tuple(t.shape[0] for t in operands if t is not None)
 
 
 def _launch(
@@ -406,7 +405,8 @@ def _launch(
         scale.stride(0) if scale is not None else 0,
         pro_mul.stride(0) if pro_mul is not None else 0,
         pro_add.stride(0) if pro_add is not None else 0,
-        m // _mod_rows(pro_mul, pro_add), float(norm_eps),
+        *(m // t.shape[0] if t is not None else 1 for t in (pro_mul, pro_add)),
+        float(norm_eps),
         float(clip), configs.m_bucket(int(m)),
         HAS_PERM=perm is not None, HAS_SMOOTH=smooth is not None, ROT_B=plan.rot_block,
         ROT_OUTER=rot_outer,
@@ -463,8 +463,7 @@ def rotate_quantize(
     """
     rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
     plan = plan_quantize(x, perm, smooth, _rot_shape(rot, rot_outer), bits, group, clip,
-                         container, prologue, lzs_group,
-                         tuple(t.shape[0] for t in (pro_mul, pro_add) if t is not None))
+                         container, prologue, lzs_group, _pro_rows(pro_mul, pro_add))
     m = x.numel() // plan.k if plan.k else 0
     store = CONTAINERS.index(container)
     width = plan.k // 2 if bits == 4 and store == 0 else plan.k
@@ -495,7 +494,7 @@ def transform(
     ``rot_outer``, the prologue and its operands (in kernel form): as in
     :func:`rotate_quantize`."""
     rot, rot_outer = _kernel_form(rot, rot_outer, x.device)
-    plan_prologue(x, prologue, tuple(t.shape[0] for t in (pro_mul, pro_add) if t is not None))
+    plan_prologue(x, prologue, _pro_rows(pro_mul, pro_add))
     plan = plan_rows(x, perm, smooth, _rot_shape(rot, rot_outer), 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, perm, smooth, rot, rot_outer, plan, out.view(-1, plan.k), None, 1.0,

@@ -77,7 +77,7 @@ def _quant_linear(
         y = qgemm.quant_matmul(x2, None, w, w_scale, bias, a_bits=16, w_bits=w_bits,
                                out_dtype=x.dtype)
         return y.reshape(*x.shape[:-1], n)
-    mul_rows, add_rows = _kernel_form(x, pro_mul, pro_add, pro_fp32)
+    mul_rows, add_rows = _modulation_form(x, pro_mul, pro_add, pro_fp32)
     # Rounded to x's dtype before quantizing, as clq::transform's output would be.
     a, a_scale = act_quant.rotate_quantize(x.reshape(-1, k), perm, smooth, rot_tile, a_bits,
                                            a_group, a_clip, container=route,
@@ -105,13 +105,13 @@ def transform(
     """``clq::transform`` on the row kernel, the rotation in kernel form, the prologue's
     modulation as the op takes it."""
     with _on_device(x):
-        mul_rows, add_rows = _kernel_form(x, pro_mul, pro_add, pro_fp32)
+        mul_rows, add_rows = _modulation_form(x, pro_mul, pro_add, pro_fp32)
         return act_quant.transform(x, perm, smooth, rot_tile, rot_outer=rot_outer,
                                    prologue=prologue, pro_mul=mul_rows, pro_add=add_rows,
                                    norm_eps=norm_eps, pro_fp32=pro_fp32)
 
 
-def _kernel_form(x: Tensor, pro_mul: Tensor | None, pro_add: Tensor | None, pro_fp32: bool
+def _modulation_form(x: Tensor, pro_mul: Tensor | None, pro_add: Tensor | None, pro_fp32: bool
                  ) -> tuple[Tensor | None, Tensor | None]:
     dtype = torch.float32 if pro_fp32 else x.dtype
     return modulation_operand(pro_mul, x.shape, dtype), modulation_operand(pro_add, x.shape,

@@ -214,7 +214,8 @@ def _modulation(shape: tuple[int, ...], dtype: torch.dtype, seed: int, offset: f
 # (B, T, K, dtype, modulation shape (None: that operand absent), bits, group, perm and
 # H64, container): per sample (adaLN), per token, one row for all; K=96 ends on a part
 # tile (64 wide); mul only and add only; 8-bit groups; the fp8 and int8 containers; the
-# prologue in fp32 on a bf16 x (fp32 operands, one rounding at the end).
+# prologue in fp32 on a bf16 x (fp32 operands, one rounding at the end); a per-sample
+# mul beside a one-row add (each operand indexes its own rows).
 _NORM_CASES = [
     (2, 9, 96, "fp32", (2, 1, 96), (2, 1, 96), 4, 0, False, "packed", False),
     (3, 7, 128, "bf16", (3, 1, 128), (3, 1, 128), 4, 0, True, "packed", False),
@@ -223,6 +224,7 @@ _NORM_CASES = [
     (2, 8, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "fp8", False),
     (2, 3, 64, "fp32", None, None, 4, 0, False, "packed", False),
     (2, 9, 128, "bf16", (2, 1, 128), (2, 1, 128), 4, 0, True, "packed", True),  # Wan's fp32
+    (3, 5, 64, "fp32", (3, 1, 64), (64,), 8, 0, False, "packed", False),  # rows differ
 ]
 
 
