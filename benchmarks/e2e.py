@@ -178,14 +178,14 @@ def _compiled_rows(rows: list[dict], model: torch.nn.Module, inputs: dict, ref: 
                    rep_ms: int, label: str, qm: Any, extra: dict) -> None:
     """torch.compile of the quantized model (kernels lowered, Inductor), then the
     backend path (Inductor around the clq ops, CUDA graphs, packing per call)."""
-    for method, make in ((f"{label} + torch.compile", lambda: torch.compile(qm)),
-                         ("clq backend W4A4 rtn (Inductor, reduce-overhead)",
-                          lambda: torch.compile(model, backend="clq", fullgraph=True, options={
-                              "recipe": "rtn", "bits": "w4a4", "mode": "reduce-overhead"}))):
+    for method, make, info in (
+            (f"{label} + torch.compile", lambda: torch.compile(qm), extra),
+            ("clq backend W4A4 rtn (Inductor, reduce-overhead)",
+             lambda: torch.compile(model, backend="clq", fullgraph=True, options={
+                 "recipe": "rtn", "bits": "w4a4", "mode": "reduce-overhead"}), {})):
         try:
             fn = make()
-            rows.append(measure(method, lambda fn=fn: fn(**inputs), ref, rep_ms,
-                                dict(extra) if "torch.compile" in method else {}))
+            rows.append(measure(method, lambda fn=fn: fn(**inputs), ref, rep_ms, dict(info)))
         except Exception as e:
             rows.append({"method": method, "error": repr(e)[:500]})
         write_results("e2e", [{k: v for k, v in r.items() if k != "_out"} for r in rows],
