@@ -1,4 +1,4 @@
-"""One-off check of issue 14's lead (2026-12-02): does the best W4A4 configuration
+"""One-off check (2026-12-02): does the best W4A4 configuration
 (clq + gptq + lowrank 7 + budget 0.2) stop flipping samples 27, 55 and 226 when its
 activations run at 8 bits in every block during the first sampling steps?
 
@@ -8,7 +8,7 @@ rows in the plan and in the graph constant the rewrite made from it (a check, no
 recipe). Calibrated timesteps are 999, 749, 500, 300, 50 and a sampling step takes the
 nearest one's row, so row 0 covers steps 0-2 (t >= 875) and rows 0-1 steps 0-7.
 
-    python benchmarks/results/quality_256_first_steps_a8/run.py out/first_steps_a8
+    python benchmarks/first_steps_a8.py benchmarks/results/quality_256_first_steps_a8
 """
 
 from __future__ import annotations
