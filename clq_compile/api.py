@@ -15,7 +15,7 @@ from clq_compile.capture import Captured, capture, grown_call, own_tensors, shar
 from clq_compile.checkpoint import Checkpoint, materialize, open_checkpoint
 from clq_compile.errors import CalibrationError, CaptureError, ConfigError, QuantizationError
 from clq_compile.model import QuantizedModel
-from clq_compile.options import boolean
+from clq_compile.options import boolean, canonical
 from clq_compile.passes.infra import PassManager
 from clq_compile.passes.share_inputs import plan_passes
 from clq_compile.plan import Plan
@@ -118,7 +118,7 @@ def _extra_graphs(model: torch.nn.Module, graphs: list[Captured], extra_shapes: 
     if extra_shapes is None:
         return []
     params = _params(model)
-    if extra_shapes == "auto":
+    if canonical(extra_shapes) == "auto":
         probe = grown_call(graphs[0])
         if probe is None or _graph_for(graphs, probe) is not None:
             return []
@@ -150,14 +150,9 @@ def plan_model(model: torch.nn.Module, calib: Any, recipe: str | RecipeConfig = 
     config, spec = resolve(recipe, bits, **options)
     measure = boolean("measure", measure)
     ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
-    was_training = model.training
-    model.eval()
-    try:
-        graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
-        gm = graphs[0].gm
-        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure)
-    finally:
-        model.train(was_training)
+    graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
+    gm = graphs[0].gm
+    plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure)
     if ckpt is not None:
         plan.meta["checkpoint"] = ckpt.stats()
     return gm, plan
@@ -196,25 +191,22 @@ def quantize(
     measure = boolean("measure", measure)
     shard = Shard.requested(distributed)
     ckpt = open_checkpoint(model, checkpoint, max_weight_bytes)
-    was_training = model.training
-    model.eval()
-    try:
-        graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
-        graphs += _extra_graphs(model, graphs, extra_shapes, ckpt)
-        t1 = time.perf_counter()
-        gm = graphs[0].gm
-        plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure,
-                          shard=shard)
-        for i, g in enumerate(graphs):
-            if i:
-                analyze(g.gm, spec, config)
-            g.gm = PassManager(plan_passes(plan, weights="packed"))(g.gm).gm
-            materialize(g.gm)
-            own_tensors(g.gm)
-            if i:
-                share_tensors(g.gm, graphs[0].gm)
-    finally:
-        model.train(was_training)
+    # The model itself is never changed (capture works on a copy of its module tree, in
+    # eval mode), so other threads may call or quantize it meanwhile.
+    graphs, calls = capture_calls(model, calib, dynamic_shapes, ckpt)
+    graphs += _extra_graphs(model, graphs, extra_shapes, ckpt)
+    t1 = time.perf_counter()
+    gm = graphs[0].gm
+    plan = build_plan(gm, spec, config, flatten_calls(gm, calls), measure=measure,
+                      shard=shard)
+    for i, g in enumerate(graphs):
+        if i:
+            analyze(g.gm, spec, config)
+        g.gm = PassManager(plan_passes(plan, weights="packed"))(g.gm).gm
+        materialize(g.gm)
+        own_tensors(g.gm)
+        if i:
+            share_tensors(g.gm, graphs[0].gm)
     plan.meta.update(capture_s=round(t1 - t0, 3), total_s=round(time.perf_counter() - t0, 3),
                      graphs=len(graphs))
     if ckpt is not None:

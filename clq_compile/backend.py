@@ -15,6 +15,15 @@ the ``clq`` ops are then lowered to the ``clq_triton`` triton_ops (``lower_input
 Inductor compiles the Triton kernels with the rest (norms, modulation, attention); a
 route's unpacked weight is made beside the packing, outside the graph. Each call packs
 (cache hit: one fingerprint per weight) then runs the compiled graph.
+
+Errors: Dynamo wraps whatever a backend raises while compiling in its own
+``BackendCompilerFailed`` (and under ``torch._dynamo.config.suppress_errors`` runs the
+frame eagerly, unquantized, instead), while an exception raised by the compiled callable
+when it runs reaches the caller as it is. So ``clq_backend`` returns, for a clq error
+(``ConfigError``, ``CalibrationError``, ``InputError``, ...), a callable that raises it:
+the call that compiled raises the clq exception itself (``except clq.ConfigError``
+catches it), as does every later call Dynamo routes to that cached graph; nothing runs
+unquantized. ``compile_graph`` is the same compiler raising directly.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import torch.fx as fx
 
 from clq_compile.build import build_plan, resolve
 from clq_compile.calibration import as_calls
-from clq_compile.errors import CalibrationError, ConfigError
+from clq_compile.errors import CalibrationError, ClqError, ConfigError, InputError
 from clq_compile.lowering.triton.dispatch import triton_available
 from clq_compile.lowering.triton.lower import LowerToKernels
 from clq_compile.lowering.triton.routes import unpacked_weight
@@ -72,7 +81,7 @@ def _flat_calib(
 ) -> list[list[Any]] | None:
     """Map model-level calibration calls onto this graph's placeholders by Dynamo source
     names; None when some input cannot be mapped (e.g. a regional block graph)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = gm.graph.find_nodes(op="placeholder")
     flats = []
     for call in calls:
         flat = []
@@ -96,7 +105,32 @@ def clq_backend(
     *,
     options: dict[str, Any] | None = None,
     mode: str | None = None,
-):
+) -> Callable[..., Any]:
+    """The ``torch_dynamo_backends`` entry point: ``compile_graph``, whose clq errors are
+    raised by the returned callable when Dynamo runs it (module docstring: so that they
+    reach the caller as themselves, not wrapped in ``BackendCompilerFailed``)."""
+    try:
+        return compile_graph(gm, example_inputs, options=options, mode=mode)
+    except ClqError as err:
+        return _raises(err)
+
+
+def _raises(err: ClqError) -> Callable[..., Any]:
+    tb = err.__traceback__
+
+    def run(*args: Any) -> Any:
+        raise err.with_traceback(tb)  # the compile-time traceback, not one grown per call
+
+    return run
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    *,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable[..., Any]:
     """Options: ``recipe``, ``bits``, ``calib`` (list of forward-kwargs dicts), plus the
     recipe's own options. Without ``calib`` only data-free decisions are made.
     ``inductor``: hand the rewritten graph to Inductor (default: when the graph's inputs
@@ -142,8 +176,8 @@ def clq_backend(
             f"option timestep_bits={config.timestep_bits} reads the timestep from the graph's "
             "inputs, and a graph torch.compile hands the backend may not hold it beside the "
             "blocks it drives (graph breaks split them): use clq.quantize(...) for it")
-    for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs,
-                        strict=True):
+    refuse_grad(gm, example_inputs)
+    for node, ex in zip(gm.graph.find_nodes(op="placeholder"), example_inputs, strict=True):
         if isinstance(ex, torch.Tensor):
             node.meta["clq_value"] = ex
     flat = None
@@ -153,9 +187,8 @@ def clq_backend(
     if flat is None:
         if config.calibrates:
             raise CalibrationError(
-                f"recipe {config.name!r} needs calibration inputs that match this graph; pass "
-                "options={'calib': [forward kwargs, ...]} and compile the whole model"
-            )
+                f"{_calibrating(config)} needs calibration inputs that match this graph; "
+                "pass options={'calib': [forward kwargs, ...]} and compile the whole model")
         flat = [list(example_inputs)]
     plan = build_plan(gm, spec, config, flat, measure=calib is not None)
     gm = PassManager(plan_passes(plan, weights="runtime"))(gm).gm
@@ -174,6 +207,41 @@ def clq_backend(
     run.graph_module = gm  # type: ignore[attr-defined]
     run.inductor = inductor  # type: ignore[attr-defined]
     return run
+
+
+def _calibrating(config: Any) -> str:
+    """What in ``config`` needs calibration: the recipe, else the budget (the other
+    calibrating options are refused before)."""
+    if not config.needs_calibration and config.budget:
+        return f"option budget={config.budget}"
+    return f"recipe {config.name!r}"
+
+
+def _name(node: fx.Node) -> str:
+    """A graph input as the user knows it: ``weight blocks.0.proj.weight``, ``input x``."""
+    src = _source(node)
+    keys = [k for k in _KEY.findall(src) if k not in ("_modules", "_parameters", "_buffers")]
+    if _is_param(node):
+        return f"weight {'.'.join(keys[1:]) or src}"
+    return f"input {'.'.join(keys) or src or node.name}"
+
+
+def refuse_grad(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+    """The graph runs under ``no_grad`` (the clq ops have no autograd formula), so with
+    grad mode on, an input or weight that requires grad would get an output without a
+    ``grad_fn`` and a confusing error at ``backward()``: refused here, naming them."""
+    if not torch.is_grad_enabled():
+        return
+    names = [_name(node) for node, ex in zip(gm.graph.find_nodes(op="placeholder"),
+                                             example_inputs, strict=True)
+             if isinstance(ex, torch.Tensor) and ex.requires_grad]
+    if names:
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        raise InputError(
+            f"{names[0]}{more} requires grad, but the clq backend computes no gradient: its "
+            "quantized ops are for inference. Run under torch.no_grad() or "
+            "torch.inference_mode(), pass detached inputs, or freeze the weights "
+            "(model.requires_grad_(False))")
 
 
 def inductor_modes() -> tuple[str | None, ...]:

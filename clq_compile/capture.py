@@ -9,6 +9,14 @@ embedding is built for), so batch, caption length, frames and, where the model a
 resolution stay dynamic. A batch of 1 would be specialized (export's 0/1 rule), so a
 batch-1 example is captured at batch 2, after checking that the doubled call really
 behaves as two copies of the batch.
+
+Threads. torch.export (non-strict) swaps fake tensors into the parameter and buffer
+tables of the module it traces, and turns oneDNN, NNPACK and cuDNN off for the whole
+process while it traces. So export traces a structural copy (:func:`shadow`: new module
+objects, the same tensors), never the caller's module, and every export holds
+:data:`EXPORT_LOCK` exclusively while the library's own computations (a quantized model's
+calls, calibration) hold it shared: they never overlap an export, so they round the same
+as in a single thread.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import contextlib
 import logging
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +55,100 @@ from clq_compile.signature import (
 
 log = logging.getLogger(__name__)
 
-# torch.export is not thread-safe (two concurrent exports corrupt each other's state):
-# every capture in the process goes through this lock.
-EXPORT_LOCK = threading.RLock()
+class ExportLock:
+    """Exclusive for exports (``with EXPORT_LOCK:``, reentrant), shared for computations
+    that must not overlap one (``with EXPORT_LOCK.shared():``, reentrant, many threads at
+    once). torch.export is not thread-safe (two concurrent exports corrupt each other's
+    state), and while it traces it turns oneDNN, NNPACK and cuDNN off process-wide
+    (``torch.export._trace._ignore_backend_decomps``): a convolution run meanwhile in
+    another thread takes another kernel and rounds differently. A waiting export goes
+    before new shared holders, so a busy server cannot starve a quantize. The exporting
+    thread may take the shared side (a quantized model traced inside another model)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: int | None = None  # the exporting thread
+        self._depth = 0  # its nested exclusive holds
+        self._shared = 0  # shared holds, all threads
+        self._waiting = 0  # exports waiting
+        self._mine = threading.local()  # this thread's shared holds
+
+    def _held_here(self) -> int:
+        return getattr(self._mine, "n", 0)
+
+    def __enter__(self) -> ExportLock:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me:
+                self._waiting += 1
+                try:
+                    self._cond.wait_for(lambda: self._owner is None
+                                        and self._shared == self._held_here())
+                finally:
+                    self._waiting -= 1
+                    self._cond.notify_all()
+                self._owner = me
+            self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def shared(self) -> contextlib.AbstractContextManager:
+        """The shared side; nothing while dynamo traces (it cannot enter a lock: calls of
+        a ``torch.compile``-d quantized model are not held apart from exports). Not
+        ``torch.compiler.is_compiling()``: export sets that flag for every thread."""
+        if torch.compiler.is_dynamo_compiling():
+            return contextlib.nullcontext()
+        return self._shared_hold()
+
+    @contextlib.contextmanager
+    def _shared_hold(self) -> Iterator[None]:
+        held = self._held_here()
+        with self._cond:
+            if not held and self._owner != threading.get_ident():
+                self._cond.wait_for(lambda: self._owner is None and not self._waiting)
+            self._shared += 1
+        self._mine.n = held + 1
+        try:
+            yield
+        finally:
+            self._mine.n = held
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+
+# Every export in the process (capture, a quantized graph's re-export, save, load) holds
+# it exclusively; a quantized model's calls and calibration hold it shared.
+EXPORT_LOCK = ExportLock()
+
+
+def shadow(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module``'s tree for export to trace: new module objects, each with its
+    own attribute, parameter, buffer, submodule and hook tables (dict and set attributes
+    copied one level), holding the same tensor objects; no tensor data is copied. What
+    export swaps into the copy's tables (fake tensors, stand-ins) other threads calling
+    ``module`` never see. A module that appears twice in the tree is copied once."""
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copy_of(mod: torch.nn.Module) -> torch.nn.Module:
+        if id(mod) in copies:
+            return copies[id(mod)]
+        # object.__new__: the same class (a GraphModule's forward lives on its own class)
+        new = copies[id(mod)] = object.__new__(type(mod))
+        state = {k: type(v)(v) if type(v) in (dict, OrderedDict, set) else v
+                 for k, v in vars(mod).items()}
+        state["_modules"] = type(mod._modules)(
+            (k, None if m is None else copy_of(m)) for k, m in mod._modules.items())
+        new.__dict__.update(state)
+        return new
+
+    return copy_of(module)
 
 
 @dataclass
@@ -143,11 +244,12 @@ def _name_op(err: Exception) -> str:
 
 def export_program(module: torch.nn.Module, call: dict[str, Any], dynamic_shapes: Any,
                    what: str = "") -> torch.export.ExportedProgram:
-    """torch.export of ``module(**call)`` under the process-wide lock."""
+    """torch.export of ``module(**call)`` under the process-wide lock; export traces a
+    :func:`shadow` of ``module``, so threads calling ``module`` meanwhile see it as it is."""
     with EXPORT_LOCK, torch.no_grad():
         try:
-            return torch.export.export(module, (), call, dynamic_shapes=dynamic_shapes,
-                                       strict=False)
+            return torch.export.export(shadow(module), (), call,
+                                       dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001 - every export failure is reported the same way
             raise CaptureError(
                 f"torch.export could not capture {what or type(module).__name__}"
@@ -188,7 +290,10 @@ def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
     """Export ``model(**call)`` (a call bound by :func:`clq_compile.signature.bind`).
     ``like``: a graph of the same model already captured; its output class is reused, so
     a call at other (possibly large) sizes never runs the model for real. ``checkpoint``:
-    where the model's meta-device tensors are read from (the graph keeps them on meta)."""
+    where the model's meta-device tensors are read from (the graph keeps them on meta).
+    Everything is done on a :func:`shadow` of ``model`` in eval mode: ``model`` itself,
+    which other threads may be calling or capturing, is never changed."""
+    model = shadow(model).eval()
     with stand_ins(model) as lazy:
         if lazy and checkpoint is None:
             name = next(iter(lazy))
@@ -196,7 +301,8 @@ def capture(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
                                     "pass checkpoint=... to read the weights from it")
         ep, spec, example, dynamic_shapes = _export(model, params, call, dynamic_shapes,
                                                     like, fake=bool(lazy))
-    gm = ep.module()
+    with EXPORT_LOCK:  # unlifting works on export's symbolic state: not thread-safe either
+        gm = ep.module()
     if lazy:
         attach(gm, lazy, checkpoint)
     gm.meta["clq_dynamic_shapes"] = dynamic_shapes
@@ -229,7 +335,8 @@ def _export(model: torch.nn.Module, params: list[Param], call: dict[str, Any],
                             "the quantized graph only takes batch 1")
         dynamic_shapes = auto_dynamic_shapes(example)
     ep = export_program(model, example, dynamic_shapes)
-    spec = call_spec_of(ep, params, example)
+    with EXPORT_LOCK:  # reads export's symbolic sizes
+        spec = call_spec_of(ep, params, example)
     spec.output = out_spec
     return ep, spec, example, dynamic_shapes
 

@@ -11,6 +11,9 @@ from the shell.
 ``quantize`` calibrates on the shapes DiT's own inputs recorded while sampling prompts;
 ``sample`` and ``eval`` need the full-precision model the quantized one came from, which
 the saved directory names (a shapes-DiT checkpoint).
+
+A user mistake (a count below 1, an unknown caption word, a bad option, a missing or
+malformed directory) is one line on stderr, ``clq VERB: error: ...``, and exit code 2.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -46,6 +49,70 @@ def _value(text: str) -> Any:
     if "," in text:
         return tuple(_value(t) for t in text.split(","))
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (prompts, steps, samples, seeds, threads): at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: give 1 or more")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type of a seed: an integer in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: give 0 to 2**32 - 1")
+    return value
+
+
+def shapes_caption(text: str) -> str:
+    """argparse type of a shapes-DiT caption: what ``tokenize`` takes, checked before any
+    model is loaded or sampled."""
+    from clq_compile.eval.shapes_data import tokenize
+
+    try:
+        tokenize([text])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def image_out(text: str) -> Path:
+    """argparse type of an image to write: a format PIL writes (by its suffix) into an
+    existing directory, checked before any sampling."""
+    from PIL import Image
+
+    path = Path(text)
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if path.suffix.lower() not in writable:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no image suffix PIL writes (e.g. .png, .jpg)")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: directory {str(path.parent)!r} not found")
+    return path
+
+
+def directory_out(text: str) -> Path:
+    """argparse type of a directory to write into (made if missing): not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a directory")
+    return path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -86,10 +153,12 @@ def _quantize(args: argparse.Namespace, rank: int, distributed: bool) -> int:
     from clq_compile.build import resolve
     from clq_compile.eval import calibration_calls
     from clq_compile.qlinear import sqnr
+    from clq_compile.serialize import check_save_target
 
     t0 = time.perf_counter()
     options = {**(FAST if args.budget == "fast" else {}), **parse_options(args.option)}
     resolve(args.recipe, args.bits, **options)  # a bad option fails before any sampling
+    check_save_target(args.out)  # and so does an --out that save would refuse
     transformer, encoder = _shapes_dit(args.checkpoint)
     log.info("recording calibration: %d prompts x %d steps", args.calib_prompts, args.calib_steps)
     at = sorted({round(i * (args.steps - 1) / max(args.calib_steps - 1, 1))
@@ -165,10 +234,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clq", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="clq", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quantize", help="quantize the shapes DiT and save it",
@@ -182,11 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe option, repeatable (e.g. -o clps=false -o a_group=64)")
     q.add_argument("--budget", choices=["full", "fast"], default="full",
                    help=f"fast: a smaller CLPS search {FAST}")
-    q.add_argument("--calib-prompts", type=int, default=8)
-    q.add_argument("--calib-steps", type=int, default=5,
+    q.add_argument("--calib-prompts", type=positive_int, default=8)
+    q.add_argument("--calib-steps", type=positive_int, default=5,
                    help="sampling steps recorded per prompt, spread over the trajectory")
-    q.add_argument("--steps", type=int, default=20, help="sampling steps")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--steps", type=positive_int, default=20, help="sampling steps")
+    q.add_argument("--seed", type=seed_int, default=0)
     q.add_argument("--out", type=Path, required=True, help="directory to save the model to")
     q.set_defaults(func=cmd_quantize)
 
@@ -203,21 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="FP beside quantized samples, same seeds, as a PNG")
     s.add_argument("dir", type=Path)
-    s.add_argument("--prompt", action="append", required=True,
+    s.add_argument("--prompt", action="append", required=True, type=shapes_caption,
                    help='a caption such as "red circle top-left", repeatable')
-    s.add_argument("--seeds", type=int, default=4, help="samples per prompt")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--seeds", type=positive_int, default=4, help="samples per prompt")
+    s.add_argument("--seed", type=seed_int, default=0)
+    s.add_argument("--steps", type=positive_int, default=20)
     s.add_argument("--guidance", type=float, default=4.0)
-    s.add_argument("--out", type=Path, default=Path("grid.png"))
+    s.add_argument("--out", type=image_out, default=Path("grid.png"))
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("eval", help="the quality harness's metrics for a saved model")
     v.add_argument("dir", type=Path)
-    v.add_argument("--samples", type=int, default=64)
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--steps", type=int, default=20)
-    v.add_argument("--out", type=Path, default=None,
+    v.add_argument("--samples", type=positive_int, default=64)
+    v.add_argument("--seed", type=seed_int, default=0)
+    v.add_argument("--steps", type=positive_int, default=20)
+    v.add_argument("--out", type=directory_out, default=None,
                    help="write results.json, table.md and grid.png here")
     v.set_defaults(func=cmd_eval)
     return p
@@ -231,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ClqError, FileNotFoundError) as e:
+    except (ClqError, OSError) as e:  # OSError: a path the user named (missing, unwritable)
         print(f"clq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

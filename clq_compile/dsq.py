@@ -98,9 +98,9 @@ def dual_scale_transforms(ctx: PlanContext, plan: Plan, iters: int = 32) -> None
     for lp in plan.quantized_layers():
         readers.setdefault(lp.group, []).append(lp.name)
     done = []
-    for lp in plan.quantized_layers():
-        if lp.role != "mlp_down" or readers[lp.group] != [lp.name]:
-            continue
+    found = [lp for lp in plan.quantized_layers()
+             if lp.role == "mlp_down" and readers[lp.group] == [lp.name]]
+    for lp in found:
         tp = plan.transform_of(lp)
         d = dual_scale_quantize(ctx.weight(lp.name), lp.spec.w_bits, lp.spec.w_group,
                                 lp.w_clip, iters, tp)
@@ -112,7 +112,11 @@ def dual_scale_transforms(ctx: PlanContext, plan: Plan, iters: int = 32) -> None
                         f"(round {d.rounds}; s_c in [{d.s_c.min():.3g}, {d.s_c.max():.3g}])")
         done.append(lp.name)
     plan.meta["dsq"] = {"layers": done, "seconds": round(time.perf_counter() - t0, 3)}
-    if not done:
+    if not found:
         log.warning("option dsq=True found no MLP down-projection to apply it to (a "
                     "quantized layer of role mlp_down that alone reads its input)")
+    elif not done:
+        log.warning("option dsq=True found %d MLP down-projection(s), but on none did a "
+                    "dual-scale round beat plain rounding: every s_c stays 1 (DSQ changed "
+                    "nothing)", len(found))
     log.info("dsq: %d down-projections in %.1f s", len(done), time.perf_counter() - t0)

@@ -5,6 +5,7 @@ tensors, and has what diffusers pipelines read of a transformer (``config``, ``d
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from clq_compile.capture import Captured, export_program
-from clq_compile.errors import ConfigError, InputError
+from clq_compile.capture import EXPORT_LOCK, Captured, export_program
+from clq_compile.errors import ConfigError, InputError, SaveError
 from clq_compile.plan import Plan
 from clq_compile.signature import CallSpec
 
@@ -38,6 +39,11 @@ class QuantizedModel(torch.nn.Module):
     resolution) has one graph per specialization, all from the same plan; a call runs
     through the first graph that takes it. A call no graph takes raises
     ``clq.InputError`` naming the input, its captured size and the remedy."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> QuantizedModel:
+        # Made as a diffusers ModelMixin (see _as_diffusers_model), so that a pipeline's
+        # save_pretrained calls ours (which says how to save it) instead of skipping it.
+        return super().__new__(_as_diffusers_model(cls))
 
     def __init__(
         self,
@@ -85,7 +91,8 @@ class QuantizedModel(torch.nn.Module):
             reason = g.rejects(call)
             if reason is None:
                 gm = self.lowered[i] or g.gm
-                with torch.no_grad():
+                # shared with other calls; never during an export (capture.ExportLock)
+                with EXPORT_LOCK.shared(), torch.no_grad():
                     out = gm(**call)
                 return self.call_spec.pack(out, want_dict)
             why = why or reason
@@ -121,12 +128,19 @@ class QuantizedModel(torch.nn.Module):
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedModel:
         """Move to another device. The graph was captured in one dtype, so a dtype change
-        is refused (re-quantize the model in that dtype instead)."""
+        is refused (re-quantize the model in that dtype instead); so is the meta device,
+        which would drop the packed weights' values for good."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is not None and dtype != self.dtype:
             raise ConfigError(
                 f"cannot convert a quantized {self.dtype} graph to {dtype}: quantize the model "
                 f"in {dtype} instead")
+        if device is not None and torch.device(device).type == "meta":
+            raise ConfigError(
+                f"{self._name} cannot move to the meta device: its packed weights would lose "
+                "their values for good (it has no checkpoint to read them back from); to "
+                "free its memory, save it with qm.save(path), drop it and clq.load(path) "
+                "later")
         if device is None or torch.device(device) == self.device:
             return self
         device = torch.device(device)
@@ -191,22 +205,53 @@ class QuantizedModel(torch.nn.Module):
 
     def exported_program(self, graph: int = 0) -> torch.export.ExportedProgram:
         """Graph ``graph`` as a torch.export program, same dynamic sizes as captured
-        (what ``save`` serializes and ``export_onnx`` translates)."""
+        (what ``save`` serializes and ``export_onnx`` translates). Export traces a copy of
+        the graph module (``capture.shadow``), so calls running meanwhile are unaffected."""
         g = self.graphs[graph]
         return export_program(g.gm, dict(g.example), g.dynamic_shapes,
                               what="the quantized graph")
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the model to directory ``path`` (see ``clq_compile.serialize``)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model to directory ``path`` (see ``clq_compile.serialize``). An
+        existing directory is replaced only when empty or a previous save, unless
+        ``overwrite=True``; the current directory or a parent of it never."""
         from clq_compile.serialize import save
 
-        return save(self, path)
+        return save(self, path, overwrite=overwrite)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Refused with a ``SaveError`` saying what to do instead: the quantized graph is
+        not a diffusers model (yet), so diffusers' format cannot hold it. (A pipeline's
+        ``save_pretrained`` calls this only on components of diffusers' or transformers'
+        base classes; it skips any other with a "cannot be saved" warning, writing
+        ``[null, null]`` for it in model_index.json.)"""
+        raise SaveError(
+            f"{self._name} cannot be saved in diffusers' format (save_pretrained to "
+            f"{os.fspath(save_directory)!r}): save it with qm.save(path), load it with "
+            "clq.load(path) and put it back in its pipeline as "
+            "pipe.transformer = clq.load(path)")
 
     def extra_repr(self) -> str:
         q = len(self.plan.quantized_layers())
         n = len(self.plan.layers)
         return (f"recipe={self.plan.recipe}, bits={self.plan.spec.name}, {q}/{n} linears, "
                 f"{len(self.graphs)} graph(s)")
+
+
+@functools.cache
+def _as_diffusers_model(cls: type) -> type:
+    """``cls`` with diffusers' ``ModelMixin`` as a further base: diffusers' pipelines save a
+    component through its own ``save_pretrained`` only when it derives from one of their
+    base classes, and silently write ``[null, null]`` for any other. Our methods come
+    first in the MRO. Made on first use, so ``import clq_compile`` does not import
+    diffusers."""
+    from diffusers.models.modeling_utils import ModelMixin
+
+    if issubclass(cls, ModelMixin):
+        return cls
+    return type(cls.__name__, (cls, ModelMixin), {"__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__,
+                                                  "__doc__": cls.__doc__})
 
 
 def retarget_devices(gm: fx.GraphModule, device: torch.device) -> None:

@@ -1,6 +1,11 @@
 """Option checks as data: each config field names its check in ``metadata``, and the
 config validates (and normalizes) every field where it enters, raising a ``ConfigError``
-that names the option, the value given and the values allowed."""
+that names the option, the value given and the values allowed.
+
+One rule for names: a name-valued option (``recipe``, ``bits``, ``weights``, ``hessian``,
+``rotation``, ``activations``, ``order``, ``cbc``, ``skip_roles``, ...) is case-insensitive,
+normalized to lower case by ``canonical`` where it enters; the names allowed are lower
+case."""
 
 from __future__ import annotations
 
@@ -59,10 +64,16 @@ def real(lo: float, hi: float, lo_open: bool = False) -> Check:
 ratio = real(0.0, 1.0, lo_open=True)  # clip ratios, quantiles: (0, 1]
 
 
+def canonical(value: Any) -> Any:
+    """A name as options compare it (lower case); anything else as given."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def choice(*allowed: Any) -> Check:
     def check(name: str, value: Any) -> Any:
+        given, value = value, canonical(value)
         if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            raise _fail(name, value, f"one of {list(allowed)}")
+            raise _fail(name, given, f"one of {list(allowed)}")
         return value
     return check
 
@@ -111,7 +122,7 @@ def names(allowed: Iterable[str]) -> Check:
         values = (value,) if isinstance(value, str) else value
         if not isinstance(values, Iterable):
             raise _fail(name, value, f"a name or a sequence of names from {list(allowed)}")
-        values = tuple(values)
+        values = tuple(canonical(v) for v in values)
         bad = [v for v in values if v not in allowed]
         if bad:
             raise _fail(name, value, f"names from {list(allowed)} (unknown: {bad})")

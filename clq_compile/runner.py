@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from clq_compile.annotations import CHECKPOINT_KEY, annotated_linears, linear_info
+from clq_compile.capture import EXPORT_LOCK
 from clq_compile.errors import CalibrationError
 from clq_compile.passes.blocks import SEGMENT_KEY
 from clq_compile.passes.find_linears import fetch_attr, weight_tensor
@@ -84,6 +85,12 @@ class GraphRunner:
         return self._attr(n.target) if n.op == "get_attr" else env[n]
 
     def _eval(self, node: fx.Node, env: dict[fx.Node, Any], i: int, override: Override | None):
+        # never during another thread's export, which switches oneDNN off process-wide
+        with EXPORT_LOCK.shared():
+            return self._compute(node, env, i, override)
+
+    def _compute(self, node: fx.Node, env: dict[fx.Node, Any], i: int,
+                 override: Override | None):
         args = fx.node.map_arg(node.args, lambda n: self._value(n, env))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, env))
         if override is not None:

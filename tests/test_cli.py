@@ -8,6 +8,9 @@ import sys
 import pytest
 import torch
 
+# imported at collection: what its dependencies print on import (a torchao built for
+# another Python) is then not in the stderr a test reads
+import clq_compile.eval  # noqa: F401
 from clq_compile.cli import main
 
 VERBS = ["quantize", "inspect", "export-onnx", "sample", "eval"]
@@ -93,11 +96,59 @@ def test_eval_reports_the_harness_metrics(quantized, tmp_path, capsys):
     assert (tmp_path / "ev" / "results.json").exists()
 
 
+def refused(argv, capsys) -> str:
+    """Run the CLI in process: a user mistake exits 2 (returned, or argparse's SystemExit)
+    with one line on stderr, and no exception escapes (that would be a traceback)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["quantize", "--out", "q", "--calib-prompts", "0"], "--calib-prompts: 0 is not a count"),
+    (["quantize", "--out", "q", "--calib-prompts", "-1"], "--calib-prompts: -1 is not a count"),
+    (["quantize", "--out", "q", "--calib-steps", "0"], "argument --calib-steps: 0 is not a count"),
+    (["quantize", "--out", "q", "--steps", "0"], "argument --steps: 0 is not a count"),
+    (["quantize", "--out", "q", "--seed", "-1"], "argument --seed: -1 is not a seed"),
+    (["eval", "q", "--samples", "0"], "argument --samples: 0 is not a count"),
+    (["eval", "q", "--samples", "-5"], "argument --samples: -5 is not a count"),
+    (["eval", "q", "--samples", "many"], "argument --samples: 'many' is not an integer"),
+    (["eval", "q", "--steps", "0"], "argument --steps: 0 is not a count"),
+    (["sample", "q", "--prompt", "red circle top-left", "--seeds", "0"], "--seeds: 0 is not"),
+    (["sample", "q", "--prompt", "red circle top-left", "--steps", "0"], "--steps: 0 is not"),
+    (["sample", "q", "--prompt", "zzz circle top-left"],
+     "argument --prompt: unknown colour 'zzz' in caption 'zzz circle top-left'; known: "),
+    (["sample", "q", "--prompt", "red circle"], "--prompt: caption must be 'colour shape"),
+    (["sample", "q", "--prompt", "red circle top-left", "--out", "grid"],
+     "argument --out: 'grid' has no image suffix"),
+    (["sample", "q", "--prompt", "red circle top-left", "--out", "no/such/dir/g.png"],
+     "directory 'no/such/dir' not found"),
+    (["--threads", "0", "inspect", "q"], "argument --threads: 0 is not a count"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_a_user_mistake_is_one_line_and_exit_code_2(argv, expect, capsys):
+    """The option, the value and what is wrong, from argparse's types, before any model
+    is loaded (the directory ``q`` does not exist)."""
+    err = refused(argv, capsys)
+    assert err.startswith("clq") and ": error: " in err and expect in err
+
+
+def test_eval_out_that_is_a_file_is_refused_before_sampling(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    err = refused(["eval", str(tmp_path), "--out", str(tmp_path / "f")], capsys)
+    assert f"argument --out: '{tmp_path / 'f'}' is a file, not a directory" in err
+
+
 def test_bad_option_is_a_clear_error(checkpoint, tmp_path, capsys):
-    code = main(["quantize", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"),
-                 "-o", "window=-2", "--calib-prompts", "1", "--calib-steps", "1", "--steps", "2"])
-    assert code == 2
-    assert "option window=-2 is not allowed" in capsys.readouterr().err
+    err = refused(["quantize", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"),
+                   "-o", "window=-2", "--calib-prompts", "1", "--calib-steps", "1",
+                   "--steps", "2"], capsys)
+    assert "option window=-2 is not allowed" in err
 
 
 def test_sample_of_a_model_not_from_a_shapes_checkpoint(tmp_path, capsys):
@@ -106,8 +157,8 @@ def test_sample_of_a_model_not_from_a_shapes_checkpoint(tmp_path, capsys):
 
     model, inputs = tiny_pixart()
     clq.quantize(model, [inputs(0)], bits="w8a8", extra_shapes=None).save(tmp_path / "p")
-    assert main(["sample", str(tmp_path / "p"), "--prompt", "red circle top-left"]) == 2
-    assert "was not quantized from a shapes-DiT checkpoint" in capsys.readouterr().err
+    err = refused(["sample", str(tmp_path / "p"), "--prompt", "red circle top-left"], capsys)
+    assert "was not quantized from a shapes-DiT checkpoint" in err
 
 
 def test_quantize_under_torchrun_splits_the_work_and_saves_once(checkpoint, tmp_path):

@@ -11,9 +11,8 @@ import torch
 import clq_compile as clq
 from clq_compile.build import resolve
 from clq_compile.errors import ConfigError
-from clq_compile.lowering.onnx import export_onnx, ort_run, ort_session
+from clq_compile.lowering.onnx import export_onnx
 from clq_compile.passes.graph_utils import module_path
-from clq_compile.qlinear import sqnr
 from clq_compile.testing import TINY_MODELS
 
 # The post-attention norm of each diffusers block, read from its source: DiT's
@@ -118,6 +117,14 @@ def test_corrected_means_equal_the_float_models(arch):
 
 
 def test_dac_round_trips_and_exports(tmp_path):
+    """Saved and loaded, the DAC biases and outputs are bit for bit the same. Exported,
+    every bias is an initializer of the file, and ORT computes the quantized model as
+    ``onnx_probes.assert_exact`` checks every export (derivation in test_onnx_models'
+    docstring): local activation codes only ±1 at a rounding tie, and the reference run
+    on ORT's own codes within FP32_TOL. A fixed margin on the plain output (it was 10 dB
+    past the quantization noise) holds only while no tie flips: upstream float drift,
+    which differs with each CPU's kernels, can flip one, and the network carries it on
+    by an amount no float tolerance bounds."""
     model, inputs = TINY_MODELS["dit"]()
     calls = [inputs(i) for i in range(2)]
     qm = clq.quantize(model, calls, recipe="rtn", bits="w4a4", extra_shapes=None, dac=True,
@@ -126,16 +133,17 @@ def test_dac_round_trips_and_exports(tmp_path):
                          measure=False)
     x = inputs(7)
     with torch.no_grad():
-        ref, base, fp = qm(**x)[0], plain(**x)[0], model(**x)[0]
+        ref, base = qm(**x)[0], plain(**x)[0]
     assert not torch.equal(ref, base)
     back = clq.load(qm.save(tmp_path / "q"))
     assert set(back.plan.dac) == set(qm.plan.dac)
     assert all(torch.equal(back.plan.dac[k], v) for k, v in qm.plan.dac.items())
     assert torch.equal(back(**x)[0], ref)
-    # ONNX: every bias is an initializer of the file, and ORT computes the quantized model
-    # (float drift can flip a rounding tie upstream, as in test_onnx_models: 10 dB margin)
     import onnx
     from onnx import numpy_helper
+
+    from tests.onnx.conftest import Case
+    from tests.onnx.onnx_probes import assert_exact
 
     path = export_onnx(qm, tmp_path / "dac.onnx", target="qdq")
     inits = [torch.from_numpy(numpy_helper.to_array(t).copy())
@@ -143,8 +151,7 @@ def test_dac_round_trips_and_exports(tmp_path):
              if t.data_type == onnx.TensorProto.FLOAT]
     for bias in qm.plan.dac.values():
         assert any(t.shape == bias.shape and torch.equal(t.float(), bias) for t in inits)
-    (got,) = ort_run(ort_session(path), (), x)
-    assert sqnr(ref, torch.from_numpy(got)) > sqnr(fp, ref) + 10.0
+    assert_exact(Case("dit", "w4a4", "qdq", qm, model, inputs, path), seed=7)
 
 
 def test_dac_option_is_checked_and_an_attention_free_graph_says_so(caplog):

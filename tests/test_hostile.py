@@ -5,7 +5,6 @@ case by case, plus the cases that were already fine so they stay fine."""
 import errno
 import logging
 import re
-import threading
 
 import pytest
 import torch
@@ -53,6 +52,19 @@ def test_load_state_dict_into_the_model_leaves_qm_unchanged():
 
 
 def test_batch_one_calibration_keeps_batch_dynamic(tmp_path):
+    """Calibrated at batch 1, the model runs at batches 1-3 (W8A8 against the float
+    model: floor 30 dB, under its ~53 dB quantization noise). The file carries the
+    graph's dynamic axes: batch and caption length are symbolic, and calls at batch 2,
+    and at batch 3 with a shorter caption, compute the quantized model as every export must
+    (``onnx_probes.assert_exact``, derivation in test_onnx_models' docstring: codes
+    only ±1 at a rounding tie, the reference run on ORT's own codes within FP32_TOL).
+    The 40 dB floor on the plain output this replaces held on any CPU (a W8A8 tie flip
+    re-rounds an activation by one 8-bit step, whose cascade stays under the W8A8 noise;
+    measured ≥ 74 dB on 40 calls of a W8A8 PixArt), but could not tell a lowering error
+    smaller than that noise from a flip."""
+    from tests.onnx.conftest import Case
+    from tests.onnx.onnx_probes import assert_exact_inputs
+
     model, inputs = tiny_pixart()
     qm = clq.quantize(model, [inputs(0, b=1)], recipe="rtn", bits="w8a8", measure=False,
                       extra_shapes=None)
@@ -60,22 +72,15 @@ def test_batch_one_calibration_keeps_batch_dynamic(tmp_path):
         x = inputs(4, b=b)
         with torch.no_grad():
             assert sqnr(model(**x)[0], _out(qm, x)) > 30
-    from clq_compile.lowering.onnx import ort_run, ort_session
-
     path = clq.export_onnx(qm, tmp_path / "b1.onnx")
-    x = inputs(5, b=2)
-    got = torch.from_numpy(ort_run(ort_session(path), (), x)[0])
-    assert got.shape[0] == 2 and sqnr(_out(qm, x), got) > 40
-    # The file carries the graph's dynamic axes: batch and caption length are symbolic,
-    # and a call at another caption length runs (qm and ORT agree).
     import onnx
 
     feeds = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path)).graph.input}
     assert feeds["hidden_states"][0].dim_param and feeds["encoder_hidden_states"][1].dim_param
-    x = inputs(6, b=3)
-    x["encoder_hidden_states"] = x["encoder_hidden_states"][:, :4]
-    got = torch.from_numpy(ort_run(ort_session(path), (), x)[0])
-    assert got.shape[0] == 3 and sqnr(_out(qm, x), got) > 40
+    short = inputs(6, b=3)
+    short["encoder_hidden_states"] = short["encoder_hidden_states"][:, :4]
+    case = Case("pixart", "w8a8", "qdq", qm, model, inputs, path)
+    assert_exact_inputs(case, [inputs(5, b=2), short])
 
 
 # -- 4. options that silently disabled or changed quantization -----------------------
@@ -306,37 +311,7 @@ def test_call_with_wrong_keyword_names_it(pixart):
         qm(**x)
 
 
-# -- 10, 11. threads, training flag ----------------------------------------------------
-
-
-def test_two_threads_quantize_at_once():
-    """torch.export is not thread-safe; captures are serialized, and the models equal a
-    sequential run's. (Models are built first: their seeding uses the global RNG; outputs
-    are computed after the threads end: concurrent float ops may split reductions
-    differently and differ by rounding.)"""
-    models = [tiny_pixart(seed=s) for s in (0, 1)]
-
-    def quantize(model, inputs):
-        return clq.quantize(model, [inputs(0)], bits="w4a4", measure=False, extra_shapes=None)
-
-    results, errors = {}, []
-
-    def run(i):
-        try:
-            results[i] = quantize(*models[i])
-        except Exception as e:  # noqa: BLE001 - the test reports it
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    for i, (model, inputs) in enumerate(models):
-        again = quantize(model, inputs)
-        assert results[i].graph_module.code == again.graph_module.code
-        assert torch.equal(_out(results[i], inputs(2)), _out(again, inputs(2)))
+# -- 11. training flag (10, threads: tests/test_threads.py) ---------------------------
 
 
 def test_quantize_restores_the_training_flag():

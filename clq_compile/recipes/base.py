@@ -7,9 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from clq_compile.annotations import linear_info
 from clq_compile.budget import BUDGET_BITS
 from clq_compile.errors import ConfigError
 from clq_compile.fisher import HESSIANS
+from clq_compile.lowrank import check_rank
 from clq_compile.options import (
     boolean,
     choice,
@@ -21,6 +23,7 @@ from clq_compile.options import (
     real,
     validate_fields,
 )
+from clq_compile.passes.find_linears import weight_tensor
 from clq_compile.passes.roles import ROLES
 from clq_compile.runner import PlanContext
 from clq_compile.spec import A_FORMATS, LZS_GROUPS, QuantSpec, parse_bits
@@ -48,7 +51,8 @@ class RecipeConfig:
     # GPTQ's Hessian: the plain sum over calibration calls, or AdaTSQ's per-layer sum
     # weighted by each call's Fisher sensitivity (clq_compile.fisher).
     hessian: str = option("uniform", choice(*HESSIANS))
-    # A rank-``lowrank`` float branch beside each quantized weight (SVDQuant's form).
+    # A rank-``lowrank`` 16-bit branch beside each quantized weight (SVDQuant's form);
+    # one that outweighs a layer's packed weight is refused (``check_layers``).
     lowrank: int = option(0, integer(0))
     # Mixed precision: promote the most sensitive layers to ``budget_bits`` ("fp": full
     # precision) while they hold at most a ``budget`` fraction of the quantized weights.
@@ -78,6 +82,17 @@ class RecipeConfig:
             raise ConfigError(
                 f"option hessian={self.hessian!r} weights GPTQ's Hessian; it needs "
                 f"weights='gptq', got weights={self.weights!r}")
+
+    def check_layers(self, ctx: PlanContext) -> None:
+        """The checks that need the analyzed graph's layers, run before planning: a
+        ``lowrank`` branch must not outweigh a quantized layer's packed weight."""
+        if not self.lowrank:
+            return
+        infos = [linear_info(node) for node in ctx.nodes.values()]
+        shapes = {i.name: (i.in_features, i.out_features) for i in infos if not i.skip_reason}
+        if shapes:
+            dtype = weight_tensor(ctx.gm, ctx.nodes[next(iter(shapes))], load=False).dtype
+            check_rank(self.lowrank, shapes, ctx.spec, dtype)
 
     @property
     def calibrates(self) -> bool:

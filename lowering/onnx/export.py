@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from clq_compile.atomic import atomic_file
+from clq_compile.capture import EXPORT_LOCK
 from clq_compile.errors import CaptureError, ConfigError
 
 from . import ort_cpu, qdq, torchlib_fixes
@@ -73,7 +74,8 @@ def export_onnx(
         torch.ops.clq.transform.default: transform,
     }
     try:
-        with _quiet_registry():
+        # run_decompositions switches oneDNN off process-wide, as export does
+        with EXPORT_LOCK, _quiet_registry():
             program = torch.onnx.export(
                 ep, dynamo=True, opset_version=opset, custom_translation_table=table,
                 optimize=False, verbose=False,

@@ -18,9 +18,9 @@ import torch
 from clq_compile.lowering.onnx import export_onnx, ort_run, ort_session
 from clq_compile.lzs import lzs_fake_quantize
 from clq_compile.ops import unpack_weight, weight_group
-from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize
 from clq_compile.testing import lzs_threshold_row
+from tests.onnx.onnx_probes import assert_exact_calls
 from tests.onnx.onnx_tiny_layers import QLinear, as_qm
 from tests.onnx.test_onnx_layers import float_dot_bound, tie_input
 
@@ -50,14 +50,14 @@ def test_lzs_layer_matches_reference_on_ties(tmp_path, target, group, w_group, c
 
 
 def test_lzs_model_exports_and_runs(export_case):
-    """A whole tiny PixArt with LZS activations (RTN): ORT against the quantized model.
-    Upstream float drift can flip a tie and cascade (test_onnx_models), which measured at
-    most ~15 % of the quantization error: the ORT output must sit at least 10 dB closer
-    to the quantized model than the quantized model is to the float one."""
-    case = export_case("pixart", "w4a4", activations="lzs")
-    inputs = case.inputs(7, 2)
-    (got,) = ort_run(ort_session(case.path), (), inputs)
-    with torch.no_grad():
-        ref = case.qm(**inputs)[0]
-        fp = case.model(**inputs)[0]
-    assert sqnr(ref, torch.from_numpy(got)) > sqnr(fp, ref) + 10.0
+    """A whole tiny PixArt with LZS activations (RTN): ORT against the quantized model,
+    by ``onnx_probes.assert_exact`` (the derivation is in test_onnx_models' docstring):
+    each layer's int8 stage (Clip(Round(x / s))) may differ from the reference's only by
+    ±1 at a rounding tie, and the reference run on ORT's own int8 codes and scales (its
+    own FLAG stage on them) matches ORT to float32 rounding, FP32_TOL. Upstream float
+    drift, which differs with each CPU's kernels, can flip such a tie and cascade: an
+    int4-sized step that moves the plain output by as much as the quantization noise,
+    so no fixed SQNR floor on it holds on every CPU. Calls 7-12 at batch 3: on an AVX2
+    CPU calls 11 and 12 each flip one tie (call 12's cascades into 700 codes), which the
+    check must accept."""
+    assert_exact_calls(export_case("pixart", "w4a4", activations="lzs"), range(7, 13))

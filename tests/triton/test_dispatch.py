@@ -11,17 +11,20 @@ import torch
 import clq_compile  # noqa: F401 - defines torch.ops.clq
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import configs, dispatch
+from clq_compile.lowering.triton.act_quant import rotate_quantize
 from clq_compile.lzs import lzs_fake_quantize
 from clq_compile.ops import quant_linear_reference, transform_reference, unpack_weight
-from clq_compile.qlinear import sqnr
 from clq_compile.quant import dequantize, fake_quantize, quantize_weight
 from clq_compile.testing import orthogonal_blocks
 from clq_compile.twinlog import twinlog_weight
 from tests.triton.helpers import (
     assert_equal,
+    assert_quant_linear_agrees,
     assert_within,
     integer_activation,
+    kernel_ints,
     matmul_bound,
+    quant_linear_arguments,
     random_activation,
 )
 
@@ -179,21 +182,24 @@ def test_modulation_per_frame_falls_back_with_the_reason(device, caplog) -> None
 @pytest.mark.parametrize("route", [None, "int8", "fp8"])
 def test_quant_linear_with_gelu_prologue(route, device, caplog) -> None:
     """GELU + transform + quantize in one kernel, then the route's GEMM. Triton's and
-    torch's GELU differ by a few fp32 ulps, which can move a rare code by one step (see
-    test_act_quant.test_prologue_gelu); the output must then agree with the reference far
-    beyond W4A4's own noise (~20 dB against float): floor 40 dB."""
+    torch's GELU are different fp32 approximations (which differ again between CPUs'
+    vector kernels), so a value at a rounding tie may take the neighbouring code: flips
+    only there, and the output within the GEMM's bound plus their effect
+    (helpers.assert_quant_linear_agrees). One flipped code alone puts this output at
+    38-48 dB SQNR (by where it lands), so a 40 dB floor held only while none flipped."""
     k, n, dtype = 256, 48, torch.bfloat16
     x = random_activation(12, k, dtype, seed=5)
     w_q, w_s = quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(6)), 4)
     rot = hadamard(128)
+    args = quant_linear_arguments(x.to(device), w_q.to(device), w_s.to(device), None, 4, 4, 0,
+                                  1.0, None, None, rot.to(device), "gelu_tanh")
     with caplog.at_level(logging.WARNING, logger=_LOGGER):
-        y = dispatch.quant_linear_triton(x.to(device), w_q.to(device), w_s.to(device), None,
-                                         4, 4, 0, 1.0, None, None, rot.to(device),
-                                         "gelu_tanh", route=route)
+        y = dispatch.quant_linear_triton(**args, route=route)
     assert "reference" not in caplog.text
-    y_ref = quant_linear_reference(x, w_q, w_s, None, 4, 4, 0, 1.0, None, None, rot,
-                                   "gelu_tanh")
-    assert sqnr(y_ref, y.cpu()) > 40.0
+    q, scale = rotate_quantize(args["x"], None, None, args["rot"], 4, container=route or "packed",
+                               prologue="gelu_tanh")
+    assert_quant_linear_agrees(y, args, (kernel_ints(q, 4, route or "packed"), scale),
+                               f"gelu prologue, route {route}")
 
 
 @pytest.mark.parametrize(("route", "group", "w_group"), [(None, 16, 0), ("int8", 32, 64)])

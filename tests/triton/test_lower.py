@@ -3,25 +3,46 @@ eager dispatch decides per call; run here under the interpreter, like the dispat
 
 The lowered op and the eager dispatch run the same triton_op body; what the pass adds is
 the decision and the derived operands (rotation tile, unpacked weight), so a lowered graph
-must give exactly the eager dispatch's output on the same route."""
+must give exactly the eager dispatch's output on the same route.
+
+Against the clq ops' references, lowered graphs are compared op by op on the same inputs
+(``_check_lowered_ops``), never output against output: there a code flipped by one fp32
+rounding difference (which the CPU's kernels decide: blocking, FMA, vector width) moves a
+value by a whole 4-bit step and every later layer carries it, so a whole-model SQNR floor
+holds on one CPU and not on another (44 dB against a floor of 80 on an AVX-512 machine).
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 
 from clq_compile.hadamard import hadamard
 from clq_compile.lowering.triton import dispatch
+from clq_compile.lowering.triton.act_quant import rotate_quantize
 from clq_compile.lowering.triton.lower import LowerToKernels, lowered_ops
+from clq_compile.lowering.triton.support import modulation_operand
+from clq_compile.passes.find_linears import fetch_attr
+from clq_compile.passes.graph_utils import call_arguments
+from clq_compile.passes.rewrite import QUANT_LINEAR
 from clq_compile.qlinear import sqnr
 from clq_compile.quant import quantize_weight
 from clq_compile.testing import orthogonal_blocks, recording_backend
 from clq_compile.twinlog import twinlog_weight
 from tests.triton.conftest import ON_GPU
-from tests.triton.helpers import assert_equal, integer_activation, random_activation
+from tests.triton.helpers import (
+    assert_equal,
+    assert_quant_linear_agrees,
+    assert_transform_agrees,
+    integer_activation,
+    kernel_ints,
+    random_activation,
+)
 
 _LOGGER = "clq_compile.lowering.triton.lower"
 
@@ -46,6 +67,83 @@ def _lower(layer: torch.nn.Module, x: torch.Tensor, capability) -> tuple[fx.Grap
     gm = fx.symbolic_trace(layer)
     lowering = LowerToKernels([x], capability)
     return lowering(gm).gm, lowering
+
+
+def _calls(gm: fx.GraphModule, namespace: str) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == namespace]
+
+
+def _values(gm: fx.GraphModule, flat: list[Any]) -> dict[str, Any]:
+    """Every node's value, by name, in one run of ``gm`` on ``flat``."""
+    run = fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        run.run(*flat)
+    return {n.name: v for n, v in run.env.items()}
+
+
+def _kernel_codes(a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lowered ``clq_triton::quant_linear``'s activation codes (M, K) and scales: its
+    quantize launch (``kernel_ops``) on its own arguments ``a``."""
+    x = a["x"]
+    dtype = torch.float32 if a["pro_fp32"] else x.dtype
+    mul, add = (modulation_operand(a[n], x.shape, dtype) for n in ("pro_mul", "pro_add"))
+    q, scale = rotate_quantize(
+        x.reshape(-1, x.shape[-1]), a["perm"], a["smooth"], a["rot_tile"], a["a_bits"],
+        a["a_group"], a["a_clip"], container=a["route"], prologue=a["prologue"],
+        lzs_group=a["lzs_group"], rot_outer=a["rot_outer"], pro_mul=mul, pro_add=add,
+        norm_eps=a["norm_eps"], pro_fp32=a["pro_fp32"])
+    return kernel_ints(q, a["a_bits"], a["route"]), scale
+
+
+def _check_lowered_ops(gm: fx.GraphModule, flat: list[Any], lowered: fx.GraphModule,
+                       lowered_flat: list[Any] | None = None) -> None:
+    """Each op of ``lowered`` (``gm`` lowered: its clq ops, in order, became clq_triton
+    ops) against the clq op it replaced, both given the inputs that op received in one
+    run of ``gm`` on ``flat`` (``lowered_flat``: the lowered graph's inputs, where it
+    takes derived weights), so no op's rounding reaches the next: within the derived
+    bounds of the op's reference (helpers: codes flip only at a rounding tie, output
+    within the GEMM's summation error plus the flipped codes' effect). Every op's inputs
+    come from the unlowered graph, so the check needs no luck about which CPU rounds
+    which sum which way."""
+    env = _values(gm, flat)
+    ref, low = _calls(gm, "clq"), _calls(lowered, "clq_triton")
+    assert len(ref) == len(low), (lowered_ops(gm), lowered_ops(lowered))
+    replaced = {lo.name: r.name for lo, r in zip(low, ref, strict=True)}
+    originals = {n.name: n.target for n in gm.graph.nodes}
+    inputs = dict(zip([n.name for n in lowered.graph.find_nodes(op="placeholder")],
+                      lowered_flat or flat, strict=True))
+
+    def value(n: fx.Node) -> Any:
+        if n.op == "placeholder":
+            return inputs[n.name]
+        if n.op == "get_attr":
+            return fetch_attr(lowered, n.target)
+        if n.name in replaced:
+            return env[replaced[n.name]]
+        if originals.get(n.name) == n.target:
+            return env[n.name]
+        return n.target(*fx.node.map_arg(n.args, value),  # made by the pass (a cat)
+                        **fx.node.map_arg(n.kwargs, value))
+
+    for lo, r in zip(low, ref, strict=True):
+        a = {k: fx.node.map_arg(v, lambda n: env[n.name])
+             for k, v in call_arguments(r).items()}
+        b = {k: fx.node.map_arg(v, value) for k, v in call_arguments(lo).items()}
+        assert b["x"] is a["x"], f"{lo.name} does not read {r.name}'s input"
+        with torch.no_grad():
+            y = lo.target(**b)
+            if r.target == QUANT_LINEAR:
+                codes = None if b["a_bits"] == 16 else _kernel_codes(b)
+                assert_quant_linear_agrees(y, a, codes, r.name)
+            else:
+                assert_transform_agrees(y, a, r.name)
+
+
+def _flat(qm: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """``qm``'s first graph's inputs for a call with ``kwargs``."""
+    call, _ = qm.call_spec.normalize((), kwargs)
+    return fx_pytree.tree_flatten_spec(((), dict(call)), qm.graph_module._in_spec)
 
 
 # (w_bits, a_bits, a_group, w_group, dtype, rotation block, prologue, capability): packed
@@ -103,8 +201,9 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, fp3
                                                          device) -> None:
     """LayerNorm + adaLN modulation fused in (``FusePrologues``), the modulation operands
     arriving as graph inputs per sample: the lowered op passes them through and gives
-    the eager dispatch's output exactly, and the reference's within fp32 rounding (the
-    kernel's row statistics are another summation order: an SQNR floor, not equality)."""
+    the eager dispatch's output exactly, and agrees with the reference within the derived
+    bounds (the kernel's row statistics are another summation order, so a code may flip
+    at a rounding tie: ``_check_lowered_ops``)."""
     b, t, k, n = 2, 5, 128, 48
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(b, t, k, generator=g) * 2 + 4).to(dtype).to(device)
@@ -125,9 +224,8 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, fp3
                 "layer_norm", pro_mul=mul, pro_add=add, norm_eps=1e-6, pro_fp32=fp32)
 
     layer = Norm().to(device)
-    gm = fx.symbolic_trace(layer)
     lowering = LowerToKernels([x, mul, add], cap)
-    gm = lowering(gm).gm
+    gm = lowering(fx.symbolic_trace(layer)).gm
     assert lowered_ops(gm) == {"clq_triton.quant_linear.default": 1}, lowering.declined
     expected = dispatch.quant_linear_triton(x, layer.w_q, layer.w_s, None, 4, a_bits, 0, 1.0,
                                             None, None, layer.rot, "layer_norm",
@@ -137,10 +235,7 @@ def test_lowered_norm_prologue_equals_the_eager_dispatch(a_bits, dtype, cap, fp3
                                                 capability=cap).route)
     y = gm(x, mul, add)
     assert_equal(y.cpu(), expected.cpu(), "lowered norm prologue")
-    reference = layer.cpu()(x.cpu(), mul.cpu(), add.cpu())  # the op's CPU reference
-    # Measured 131-134 dB (inf on the fp8 route): on these inputs no code flips, so
-    # what remains is fp32 rounding; one flipped 4-bit code would cost far more.
-    assert sqnr(y.cpu().float(), reference.float()) > 100.0
+    _check_lowered_ops(fx.symbolic_trace(layer), [x, mul, add], gm)
 
 
 @pytest.mark.parametrize("prologue", [None, "layer_norm"])
@@ -211,11 +306,11 @@ def _on(device, model, x):
 
 def test_backend_lowers_every_layer_and_matches_the_extern_ops(device):
     """torch.compile(backend="clq", kernels=True) on tiny PixArt (eager, no Inductor): all
-    13 GEMMs (q/k/v merged) become clq_triton ops; against the same backend with the ops
-    left as clq ops (CPU: their references) the output moves only by the kernels' float
-    reassociation in the epilogue and rotation, measured 136 dB, floor 80 dB."""
+    13 GEMMs (q/k/v merged) become clq_triton ops, each agreeing with the clq op it
+    replaced on that op's inputs (``_check_lowered_ops``), and the kernels ran."""
     import torch._dynamo
 
+    import clq_compile.backend as be
     from clq_compile.testing import tiny_pixart
 
     model, inputs = tiny_pixart()
@@ -230,16 +325,18 @@ def test_backend_lowers_every_layer_and_matches_the_extern_ops(device):
                 "recipe": "quarot", "bits": "w4a4", "inductor": False,
                 "kernels": kernels})(**x)[0]
     torch._dynamo.reset()
-    lowered = runs[1][0].lowered
-    assert lowered_ops(lowered) == {"clq_triton.quant_linear.default": 13}
-    assert sqnr(outs[False], outs[True]) > 80.0
+    run, ex = runs[1]
+    assert lowered_ops(run.lowered) == {"clq_triton.quant_linear.default": 13}
+    inner, packers = be.split_packers(run.graph_module)  # the graph the pass lowered
+    _check_lowered_ops(inner, [*ex, *(t for p, i in packers for t in p(ex[i]))], run.lowered)
     assert not torch.equal(outs[False], outs[True])  # the kernels did run
 
 
 def test_runtime_weights_are_unpacked_outside_the_graph_and_follow_updates(device):
     """A pretend sm_90 at fp32 takes the int8 route: the packers' outputs (graph inputs)
     are unpacked by ``convert`` before each call, cached per packed tensor; the int8 route
-    is bit-equal to the packed one, and an in-place weight change repacks and re-unpacks."""
+    is bit-equal to the packed one, and an in-place weight change repacks and re-unpacks
+    (each int8 op then agrees with its clq op on the new weight: ``_check_lowered_ops``)."""
     import torch._dynamo
 
     import clq_compile.backend as be
@@ -271,14 +368,15 @@ def test_runtime_weights_are_unpacked_outside_the_graph_and_follow_updates(devic
         w.mul_(3.0)
         after = int8(*to_int8(flat()))[0]
         assert torch.equal(packed(*to_packed(flat()))[0], after)
-        assert sqnr(run(*ex)[0], after) > 80.0
+    reference, _ = be.split_packers(run.graph_module)
+    _check_lowered_ops(reference, flat(), int8, to_int8(flat()))
 
 
 def test_quantized_model_runs_its_lowered_graph(device):
     """``qm.lower()`` (by itself on a GPU): forward runs the lowered copy of each graph,
     which shares the graph's tensors; the graph itself (what ``save`` writes) keeps its
-    clq ops. Against the unlowered model: the kernels' float reassociation only (136 dB
-    measured, floor 80 dB)."""
+    clq ops. Each lowered op agrees with its clq op on that op's inputs
+    (``_check_lowered_ops``)."""
     import clq_compile as clq
     from clq_compile.testing import tiny_pixart
 
@@ -296,9 +394,9 @@ def test_quantized_model_runs_its_lowered_graph(device):
     shared = [k for k in lowered if k in graph]  # the rest: rotation tiles it made
     assert shared and all(lowered[k] is graph[k] for k in shared)
     assert f"{n} of {n} GEMMs lowered to the Triton kernels" in clq.inspect(qm)
+    _check_lowered_ops(qm.graph_module, _flat(qm, x), qm.lowered[0])
     with torch.no_grad():
         after = qm(**x)[0]
-    assert sqnr(before, after) > 80.0
     if device == "cpu":
         assert not torch.equal(before, after)  # the kernels ran, not the references
 
@@ -342,9 +440,9 @@ def test_torch_compile_of_a_lowered_model_on_the_gpu(mode):
 @pytest.mark.parametrize("name", ["dit", "sd3", "flux", "wan"])
 def test_every_family_lowers_fully(name, device):
     """clq W4A4 on the other tiny families (PixArt above): every quantized GEMM and every
-    standalone transform is lowered (none declined), and the output moves only by the
-    kernels' float reassociation against the clq ops (CPU: references; measured
-    135-139 dB, floor 80 dB)."""
+    standalone transform is lowered (none declined), each lowered op agrees with the clq
+    op it replaced on that op's inputs (``_check_lowered_ops``), and the lowered graph
+    runs end to end. No output-vs-output floor: see the module docstring."""
     import clq_compile as clq
     from clq_compile.testing import TINY_MODELS
 
@@ -362,8 +460,10 @@ def test_every_family_lowers_fully(name, device):
     assert set(ops) <= {"clq_triton.quant_linear.default", "clq_triton.transform.default"}
     assert ops["clq_triton.quant_linear.default"] == lowered_ops(qm.graph_module)[
         "clq.quant_linear.default"]
+    _check_lowered_ops(qm.graph_module, _flat(qm, test), qm.lowered[0])
     with torch.no_grad():
-        assert sqnr(before, qm(**test)[0]) > 80.0
+        after = qm(**test)[0]
+    assert after.shape == before.shape and torch.isfinite(after).all()
 
 
 def test_a_weight_computed_in_the_graph_is_declined_before_anything_is_made(device):
